@@ -6,8 +6,11 @@ never imports an adapter module directly: a new network kind is one module plus 
 
 from __future__ import annotations
 
+from adapters.apicrypt import ApicryptAdapter
 from adapters.base import Adapter
 from adapters.mime import MimeAdapter
+from adapters.openpgp import OpenPgpAdapter
+from adapters.smime import SmimeAdapter
 
 __all__ = ["REGISTRY", "Adapter", "get"]
 
@@ -15,6 +18,9 @@ REGISTRY: dict[str, Adapter] = {
     adapter.name: adapter
     for adapter in (
         MimeAdapter(),
+        SmimeAdapter(),
+        OpenPgpAdapter(),
+        ApicryptAdapter(),
     )
 }
 

@@ -25,8 +25,8 @@ from datetime import datetime
 from typing import Literal, Protocol
 
 from cryptography import x509
-from cryptography.x509 import Certificate, CertificateRevocationList
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.x509 import Certificate, CertificateRevocationList
 
 from gateway.errors import PermanentFailure, Reason
 

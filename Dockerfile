@@ -1,0 +1,16 @@
+# Passerelle: the relay as a non-root service. Spool and audit live on volumes; routing.yaml and
+# the key material are mounted read-only.
+FROM python:3.11-slim
+RUN useradd --system --uid 10025 --home /srv/passerelle passerelle \
+ && mkdir -p /srv/passerelle/var/spool /srv/passerelle/var/audit \
+ && chown -R passerelle /srv/passerelle/var
+WORKDIR /opt/passerelle
+COPY pyproject.toml README.md ./
+COPY gateway ./gateway
+COPY adapters ./adapters
+RUN pip install --no-cache-dir .
+USER passerelle
+WORKDIR /srv/passerelle
+EXPOSE 2525 9464
+ENTRYPOINT ["gateway"]
+CMD ["serve", "-c", "/srv/passerelle/routing.yaml"]

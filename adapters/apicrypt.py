@@ -1,0 +1,394 @@
+"""The `apicrypt` adapter: mail in the layout Apicrypt clients and their EHRs already parse.
+
+Layout (both directions): the subject and routing fields in clear; the text body is one
+encrypted text block; each attachment is encrypted on its own and named `<name>.apz`. Text is
+ISO-8859-1 for Apicrypt v1 and UTF-8 for v2 (network option `version`). HPRIM lab reports
+(12-line header, `****LAB****` blocks of `TEX|`/`RES|` lines, `****FIN****`,
+`****FINFICHIER****`, CRLF or LF) are carried as opaque octets: after charset conversion the
+text a recipient decrypts is exactly what the sender wrote, so decrypted text is handed on in
+base64 whenever its line breaks are not CRLF.
+
+Codecs (`codec` option):
+- `openpgp` (default): the blocks are OpenPGP messages, signed by the gateway and encrypted to
+  the recipient's key (RFC 4880 / RFC 9580, via `adapters.pgpkeys`). Inbound mail may also be
+  PGP/MIME or inline OpenPGP (Apicrypt 2, PGP users): that unwraps as with `openpgp`.
+- `external`: the licensed APICEM programs (`adapters.apicrypt_external`); Apicrypt v1 bodies
+  are recognised by their `$APICRYPT` marker. Signatures are not reported by those programs,
+  so the verdict is `neutral`.
+
+Options: codec, version, programs {apicrypt, apiuncrypt, apicryptpj, apiuncryptpj: path},
+user, key_directory, timeout (seconds).
+
+Untrusted input: the received message in `unwrap`; the inner content in `wrap`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from adapters.apicrypt_external import PROGRAMS, ExternalCodec
+from adapters.base import UnwrapContext, Unwrapped, Verdict, WrapContext, Wrapped
+from adapters.cms.entity import (
+    Entity,
+    address_of,
+    decode_body,
+    field_blocks,
+    multipart_parts,
+    parse_entity,
+)
+from adapters.openpgp import malformed, recipient_certificate, unwrap_openpgp
+from adapters.pgpkeys import (
+    CertInfo,
+    KeyIndex,
+    NetworkKey,
+    SignatureCheck,
+    decrypt,
+    key_index,
+    network_key,
+    ps,
+    signature_verdict,
+)
+from adapters.pgpmime import canonical_crlf, new_boundary, outer_fields, whole_armored
+from gateway.errors import GatewayError, PermanentFailure, Reason
+
+__all__ = ["ApicryptAdapter", "ApicryptCodec"]
+
+_KNOWN = {"codec", "version", "programs", "user", "key_directory", "timeout"}
+_MARKER = b"$APICRYPT"
+_CHARSETS = {1: "iso-8859-1", 2: "utf-8"}
+
+
+@dataclass(frozen=True)
+class _Options:
+    codec: str = "openpgp"
+    version: int = 1
+    programs: Mapping[str, str] | None = None
+    user: str = ""
+    key_directory: str = ""
+    timeout: float = 30.0
+
+    @staticmethod
+    def of(options: Mapping[str, object]) -> _Options:
+        programs = options.get("programs")
+        return _Options(
+            codec=str(options.get("codec", "openpgp")),
+            version=int(str(options.get("version", 1))),
+            programs={str(k): str(v) for k, v in programs.items()}
+            if isinstance(programs, Mapping) else None,
+            user=str(options.get("user", "")),
+            key_directory=str(options.get("key_directory", "")),
+            timeout=float(str(options.get("timeout", 30))),
+        )
+
+
+class ApicryptCodec(Protocol):
+    """What the layout needs from a codec (recipients are mail addresses)."""
+
+    def seal_text(self, data: bytes, recipients: Sequence[str]) -> bytes: ...
+    def open_text(self, data: bytes) -> bytes: ...
+    def seal_attachment(self, data: bytes, recipients: Sequence[str]) -> bytes: ...
+    def open_attachment(self, data: bytes) -> bytes: ...
+
+
+class _OpenPgpCodec:
+    """OpenPGP in the Apicrypt layout: sign with the network key, encrypt to the recipients."""
+
+    def __init__(self, key: NetworkKey, index: KeyIndex, certs: Sequence[CertInfo] = ()) -> None:
+        self.key, self.index, self.certs = key, index, list(certs)
+        self.checks: list[SignatureCheck] = []
+
+    def _seal(self, data: bytes, armor: bool) -> bytes:
+        tsk = ps.Tsk.from_bytes(self.key_secret)
+        sealed = ps.encrypt(data, [c.cert for c in self.certs], signer=tsk.signer(), armor=armor)
+        return sealed if isinstance(sealed, bytes) else str(sealed).encode("ascii")
+
+    key_secret: bytes = b""
+
+    def seal_text(self, data: bytes, recipients: Sequence[str]) -> bytes:
+        return self._seal(data, armor=True)
+
+    def seal_attachment(self, data: bytes, recipients: Sequence[str]) -> bytes:
+        return self._seal(data, armor=False)
+
+    def _open(self, data: bytes) -> bytes:
+        opened = decrypt(data, self.key, self.index)
+        self.checks.append(opened.check)
+        return opened.plaintext
+
+    def open_text(self, data: bytes) -> bytes:
+        return self._open(data)
+
+    def open_attachment(self, data: bytes) -> bytes:
+        return self._open(data)
+
+
+def _external(options: _Options) -> ExternalCodec:
+    return ExternalCodec(options.programs or {}, options.user, options.key_directory,
+                         options.timeout)
+
+
+def _text_part(text: bytes, charset: str) -> bytes:
+    head = f"Content-Type: text/plain; charset={charset}\r\n".encode("ascii")
+    if canonical_crlf(text) == text and all(len(line) <= 998 for line in text.split(b"\r\n")):
+        encoding = b"7bit" if all(b < 0x80 for b in text) else b"8bit"
+        return head + b"Content-Transfer-Encoding: " + encoding + b"\r\n\r\n" + text
+    # Bare LF (HPRIM files often have them) must survive SMTP's CRLF rewriting: base64.
+    return head + b"Content-Transfer-Encoding: base64\r\n\r\n" + _base64(text)
+
+
+def _base64(data: bytes) -> bytes:
+    encoded = base64.b64encode(data)
+    return b"".join(encoded[i: i + 76] + b"\r\n" for i in range(0, len(encoded), 76))
+
+
+def _attachment_part(name: str, data: bytes) -> bytes:
+    safe = name.replace('"', "").replace("\r", "").replace("\n", "")
+    return (
+        f'Content-Type: application/octet-stream; name="{safe}"\r\n'
+        "Content-Transfer-Encoding: base64\r\n"
+        f'Content-Disposition: attachment; filename="{safe}"\r\n\r\n'
+    ).encode() + _base64(data)
+
+
+def _filename(entity: Entity) -> str | None:
+    disposition = entity.get("content-disposition") or ""
+    match = re.search(r'filename\*?="?([^";]+)"?', disposition)
+    if match:
+        return match.group(1).strip()
+    return entity.content_type()[1].get("name")
+
+
+def _leaves(entity: Entity) -> list[Entity]:
+    media_type, params = entity.content_type()
+    if media_type.startswith("multipart/") and "boundary" in params:
+        _, parts, _ = multipart_parts(entity.body, params["boundary"])
+        return [leaf for part in parts for leaf in _leaves(parse_entity(part))]
+    return [entity]
+
+
+def _assemble(outer: bytes, parts: list[bytes], random: Callable[[int], bytes]) -> bytes:
+    if len(parts) == 1:
+        return outer + b"MIME-Version: 1.0\r\n" + parts[0]
+    boundary = new_boundary(random, b"".join(parts), "apicrypt")
+    body = b"".join(b"--" + boundary + b"\r\n" + part + b"\r\n" for part in parts)
+    return (
+        outer + b"MIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="' + boundary + b'"\r\n\r\n'
+        + body + b"--" + boundary + b"--\r\n"
+    )
+
+
+class ApicryptAdapter:
+    name = "apicrypt"
+    method = "x-apicrypt"
+
+    def option_problems(self, options: Mapping[str, object]) -> list[str]:
+        problems = [
+            f"option {key!r} is not known to the apicrypt adapter "
+            f"(known: {', '.join(sorted(_KNOWN))})"
+            for key in options if key not in _KNOWN
+        ]
+        codec = str(options.get("codec", "openpgp"))
+        if codec not in ("openpgp", "external"):
+            problems.append(f"option 'codec' must be openpgp or external, not {codec!r}")
+        if str(options.get("version", 1)) not in ("1", "2"):
+            problems.append(f"option 'version' must be 1 or 2, not {options.get('version')!r}")
+        try:
+            if float(str(options.get("timeout", 30))) <= 0:
+                problems.append("option 'timeout' must be a positive number of seconds")
+        except ValueError:
+            problems.append("option 'timeout' must be a number of seconds")
+        programs = options.get("programs")
+        if programs is not None and not isinstance(programs, Mapping):
+            problems.append("option 'programs' must map apicrypt, apiuncrypt, apicryptpj and "
+                            "apiuncryptpj to the paths of those programs")
+        elif isinstance(programs, Mapping):
+            for key in programs:
+                if key not in PROGRAMS:
+                    problems.append(f"programs: {key!r} is not an APICEM program "
+                                    f"(known: {', '.join(PROGRAMS)})")
+        if codec == "external":
+            missing = [p for p in PROGRAMS if not isinstance(programs, Mapping)
+                       or not programs.get(p)]
+            if missing:
+                problems.append("codec external needs programs: " + ", ".join(missing))
+            for key in ("user", "key_directory"):
+                if not options.get(key):
+                    problems.append(f"codec external needs option {key!r}")
+        return problems
+
+    # -- unwrap --------------------------------------------------------------------------------
+
+    def unwrap(self, raw: bytes, context: UnwrapContext) -> Unwrapped:
+        try:
+            return self._unwrap(raw, context)
+        except GatewayError:
+            raise
+        except Exception as error:
+            raise malformed(f"apicrypt unwrap: {type(error).__name__}: {error}") from None
+
+    def _unwrap(self, raw: bytes, context: UnwrapContext) -> Unwrapped:
+        options = _Options.of(context.options)
+        entity = parse_entity(raw)
+        media_type, params = entity.content_type()
+        leaves = _leaves(entity)
+        texts = [leaf for leaf in leaves if leaf.content_type()[0] == "text/plain"]
+        apz = [leaf for leaf in leaves if (_filename(leaf) or "").lower().endswith(".apz")]
+        v1_text = bool(texts) and _MARKER in decode_body(texts[0])
+        if (media_type in ("multipart/encrypted", "multipart/signed") and "pgp" in
+                params.get("protocol", "")) or (not apz and not v1_text):
+            # PGP/MIME or inline OpenPGP from the same network: as the openpgp adapter does.
+            return unwrap_openpgp(raw, context, self.method, self.name)
+        codec: ApicryptCodec
+        index = key_index(context.directory)
+        pgp: _OpenPgpCodec | None = None
+        if options.codec == "external":
+            codec = _external(options)
+        else:
+            if v1_text:
+                raise PermanentFailure(
+                    "This Apicrypt v1 message needs the gateway's external Apicrypt codec",
+                    enhanced="5.7.5", reason=Reason.DECRYPTION_FAILED,
+                    detail="apicrypt: $APICRYPT body received on a network with codec openpgp",
+                )
+            pgp = _OpenPgpCodec(network_key(context.identity), index)
+            codec = pgp
+        parts: list[bytes] = []
+        all_encrypted = True
+        charset = _CHARSETS.get(options.version, "iso-8859-1")
+        for leaf in leaves:
+            body = decode_body(leaf)
+            name = _filename(leaf)
+            if name and name.lower().endswith(".apz"):
+                parts.append(_attachment_part(name[:-4], codec.open_attachment(body)))
+            elif leaf is (texts[0] if texts else None) and (
+                _MARKER in body or whole_armored(body) is not None
+            ):
+                armored = whole_armored(body)
+                block = armored.block if armored is not None and _MARKER not in body else body
+                parts.append(_text_part(codec.open_text(block), charset))
+            else:
+                all_encrypted = False
+                kept = b"".join(raw_field for n, raw_field in field_blocks(leaf.head)
+                                if n.startswith("content-"))
+                parts.append(kept + b"\r\n" + leaf.body)
+        outer = b"".join(raw_field for n, raw_field in field_blocks(entity.head)
+                         if not n.startswith("content-") and n != "mime-version")
+        # Unwrap has no randomness: the boundary comes from a digest of the parts.
+        digest = hashlib.sha256(b"".join(parts)).digest()
+        content = _assemble(outer, parts, lambda n: digest[:n])
+        from_address = address_of(entity.get("from"))
+        if pgp is not None:
+            verdict = Verdict.unsigned(self.method)
+            signed = [c for c in pgp.checks if c.signed]
+            if signed:
+                verdicts = [signature_verdict(c, index, from_address, context.now, self.method)
+                            for c in signed]
+                # Every block must pass for the message to count as signed.
+                failing = [v for v in verdicts if v.result != "pass"]
+                verdict = failing[0] if failing else verdicts[0]
+                if len(signed) != len(pgp.checks):
+                    verdict = Verdict(self.method, "fail", "some blocks are not signed",
+                                      failure=Reason.SIGNATURE_MISSING, signer=verdict.signer)
+        else:
+            verdict = Verdict(self.method, "neutral",
+                              "signature not reported by the external codec")
+        return Unwrapped(
+            content=content, signature=verdict, source_format=self.name,
+            encrypted=all_encrypted,
+            notes=() if all_encrypted else ("some parts arrived unencrypted",),
+        )
+
+    # -- wrap ----------------------------------------------------------------------------------
+
+    def wrap(self, message: Unwrapped, context: WrapContext) -> Wrapped:
+        try:
+            return self._wrap(message, context)
+        except GatewayError:
+            raise
+        except Exception as error:
+            raise PermanentFailure(
+                "The message could not be prepared for the Apicrypt network; its MIME "
+                "structure could not be read", enhanced="5.6.0", reason=Reason.MALFORMED,
+                detail=f"apicrypt wrap: {type(error).__name__}: {error}",
+            ) from None
+
+    def _wrap(self, message: Unwrapped, context: WrapContext) -> Wrapped:
+        options = _Options.of(context.options)
+        refused: dict[str, PermanentFailure] = {}
+        chosen: dict[str, CertInfo] = {}
+        signer_key: str | None = None
+        codec: ApicryptCodec
+        if options.codec == "external":
+            codec = _external(options)
+            accepted = list(context.recipients)
+        else:
+            try:
+                key = network_key(context.identity)
+            except PermanentFailure as error:
+                raise PermanentFailure(
+                    "The gateway has no usable OpenPGP identity for this network",
+                    enhanced="5.3.5", reason=Reason.WRAP_FAILED, detail=error.detail,
+                ) from None
+            signer_key = key.fingerprint
+            index = key_index(context.directory)
+            for address in context.recipients:
+                cert, why = recipient_certificate(address, index, context)
+                if cert is None:
+                    refused[address] = PermanentFailure(
+                        f"No valid Apicrypt (OpenPGP) key is known for {address}; ask the "
+                        "recipient for their current key and add it to the gateway's directory",
+                        enhanced="5.7.1", reason=Reason.NO_RECIPIENT_KEY,
+                        detail=f"{address}: {why}",
+                    )
+                else:
+                    chosen[address] = cert
+            openpgp_codec = _OpenPgpCodec(key, index, list(
+                {c.fingerprint: c for c in chosen.values()}.values()))
+            assert context.identity is not None and context.identity.openpgp_secret
+            openpgp_codec.key_secret = context.identity.openpgp_secret
+            codec = openpgp_codec
+            accepted = list(chosen)
+        if not accepted:
+            return Wrapped(content=b"", refused=refused, signer_key=signer_key)
+        entity = parse_entity(message.content)
+        charset = _CHARSETS.get(options.version, "iso-8859-1")
+        parts: list[bytes] = []
+        text_done = False
+        for leaf in _leaves(entity):
+            media_type, params = leaf.content_type()
+            data = decode_body(leaf)
+            name = _filename(leaf)
+            if media_type == "text/plain" and not text_done and not name:
+                text_done = True
+                declared = params.get("charset", "us-ascii")
+                try:
+                    text = data if declared.lower() in (charset, "us-ascii") else (
+                        data.decode(declared).encode(charset))
+                except (LookupError, UnicodeError):
+                    raise PermanentFailure(
+                        f"The text cannot be written in {charset} for Apicrypt v"
+                        f"{options.version}; the network needs Apicrypt version 2 (UTF-8)",
+                        enhanced="5.6.3", reason=Reason.WRAP_FAILED,
+                        detail=f"apicrypt wrap: text in {declared} not representable",
+                    ) from None
+                sealed = codec.seal_text(text, accepted)
+                parts.insert(0, (
+                    f"Content-Type: text/plain; charset={charset}\r\n"
+                    "Content-Transfer-Encoding: 7bit\r\n\r\n"
+                ).encode("ascii") + canonical_crlf(sealed))
+            else:
+                label = name or f"piece-jointe-{len(parts) + 1}.bin"
+                parts.append(_attachment_part(label + ".apz",
+                                              codec.seal_attachment(data, accepted)))
+        content = _assemble(outer_fields(entity.head), parts, context.random)
+        return Wrapped(
+            content=content, refused=refused,
+            recipient_keys={a: c.fingerprint for a, c in chosen.items()},
+            signer_key=signer_key,
+        )

@@ -1,0 +1,248 @@
+"""Raw MIME entities as bytes: split, look inside, and make 7-bit clean, never re-serialize.
+
+S/MIME signatures cover exact bytes (RFC 8551 §3.1.1, RFC 5751 §3.1.1): the first part of a
+`multipart/signed` is verified over the octets that arrived, and the content the gateway signs
+must come out of the recipient's decoder bit for bit. Python's `email` package re-folds headers
+and rewrites line endings when it serializes, so this module works on the raw octets and only
+borrows `email` to parse single header *values* (Content-Type parameters, addresses).
+
+Followed: RFC 5322 (header section), RFC 2045/2046 (Content-Type, Content-Transfer-Encoding,
+multipart delimiters: the line break before a delimiter belongs to the delimiter), RFC 8551
+§3.1.2/§3.1.3 (7-bit transfer encoding and canonical CRLF for signed content).
+
+Untrusted input: every entity handed in (received mail, or the inner content to be signed).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.message
+import email.utils
+import quopri
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "Entity",
+    "address_of",
+    "decode_body",
+    "field_blocks",
+    "multipart_parts",
+    "parse_entity",
+    "seven_bit",
+]
+
+_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\n|\r(?!\n)|$)")
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One MIME entity: its header block and body, both exactly as they arrived."""
+
+    head: bytes  # header fields including their line breaks, without the empty line
+    separator: bytes  # the empty line between head and body (b"\r\n", b"\n" or b"")
+    body: bytes
+    fields: tuple[tuple[str, str], ...]  # (lower-case name, unfolded value), in order
+
+    def get(self, name: str) -> str | None:
+        wanted = name.lower()
+        for field_name, value in self.fields:
+            if field_name == wanted:
+                return value
+        return None
+
+    def content_type(self) -> tuple[str, dict[str, str]]:
+        """("type/subtype" lower-cased, parameters); text/plain when absent (RFC 2045 §5.2)."""
+        value = self.get("content-type")
+        if value is None:
+            return "text/plain", {}
+        holder = email.message.Message()
+        holder["Content-Type"] = value
+        params: dict[str, str] = {}
+        for key, param in holder.get_params(failobj=[])[1:]:
+            text = email.utils.collapse_rfc2231_value(param) if isinstance(param, tuple) else param
+            params[key.lower()] = str(text)
+        return holder.get_content_type(), params
+
+    def transfer_encoding(self) -> str:
+        return (self.get("content-transfer-encoding") or "7bit").strip().lower()
+
+
+def _lines(data: bytes) -> list[bytes]:
+    """Lines with their own terminators, so joining them gives `data` back."""
+    out = [m.group(0) for m in _LINE.finditer(data)]
+    if out and out[-1] == b"":
+        out.pop()
+    return out
+
+
+def parse_entity(raw: bytes) -> Entity:
+    """Split a header block from its body at the first empty line (either line ending)."""
+    offset = 0
+    fields: list[tuple[str, bytes]] = []
+    separator = b""
+    for line in _lines(raw):
+        stripped = line.rstrip(b"\r\n")
+        if stripped == b"":
+            separator = line
+            break
+        if line[:1] in (b" ", b"\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + b" " + stripped.strip())
+        else:
+            match = _FIELD_NAME.match(stripped)
+            if match is None:
+                # RFC 5322 has no such line: treat it as the start of the body, as
+                # mail readers do, rather than guess at a header.
+                break
+            fields.append((match.group(1).decode("ascii").lower(),
+                           stripped[match.end():].strip()))
+        offset += len(line)
+    head = raw[:offset]
+    body = raw[offset + len(separator):]
+    decoded = tuple((name, value.decode("utf-8", "replace")) for name, value in fields)
+    return Entity(head=head, separator=separator, body=body, fields=decoded)
+
+
+def field_blocks(head: bytes) -> list[tuple[str, bytes]]:
+    """Each header field of a head as (lower-case name, raw octets with continuation lines)."""
+    blocks: list[tuple[str, bytes]] = []
+    for line in _lines(head):
+        if line[:1] in (b" ", b"\t") and blocks:
+            name, raw = blocks[-1]
+            blocks[-1] = (name, raw + line)
+            continue
+        match = _FIELD_NAME.match(line)
+        if match is None:
+            continue
+        blocks.append((match.group(1).decode("ascii").lower(), line))
+    return blocks
+
+
+def multipart_parts(body: bytes, boundary: str) -> tuple[bytes, list[bytes], bytes]:
+    """(preamble, parts, epilogue) of a multipart body, each part as its exact octets.
+
+    RFC 2046 §5.1.1: the line break before `--boundary` belongs to the delimiter, so a part
+    ends just before it. Raises ValueError when there is no closing delimiter.
+    """
+    if not boundary or len(boundary) > 200:
+        raise ValueError("bad multipart boundary")
+    delimiter = b"--" + boundary.encode("ascii")
+    pattern = re.compile(
+        rb"(?:^|\r\n|\n)" + re.escape(delimiter) + rb"(--)?[ \t]*(?:\r\n|\n|$)"
+    )
+    parts: list[bytes] = []
+    preamble = b""
+    start: int | None = None
+    for match in pattern.finditer(body):
+        if start is None:
+            preamble = body[: match.start()]
+        else:
+            parts.append(body[start: match.start()])
+        if match.group(1):
+            return preamble, parts, body[match.end():]
+        start = match.end()
+    raise ValueError("multipart body has no closing delimiter")
+
+
+def decode_body(entity: Entity) -> bytes:
+    """The body with its Content-Transfer-Encoding removed."""
+    encoding = entity.transfer_encoding()
+    if encoding == "base64":
+        try:
+            return base64.b64decode(re.sub(rb"[^A-Za-z0-9+/=]", b"", entity.body), validate=True)
+        except (binascii.Error, ValueError) as error:
+            raise ValueError(f"bad base64 body: {error}") from None
+    if encoding == "quoted-printable":
+        return quopri.decodestring(entity.body)
+    return entity.body
+
+
+def address_of(value: str | None) -> str | None:
+    """The one mail address of a From:-style header value, lower-cased; None if not exactly one."""
+    if not value:
+        return None
+    found = [a for _, a in email.utils.getaddresses([value]) if a]
+    if len(found) != 1 or "@" not in found[0]:
+        return None
+    return found[0].lower()
+
+
+# -- making content fit to be signed (RFC 8551 §3.1) -----------------------------------------
+
+def _crlf(data: bytes) -> bytes:
+    return re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+
+
+def _is_seven_bit_clean(body: bytes) -> bool:
+    if re.search(rb"[\x80-\xff\x00]|\r(?!\n)|(?<!\r)\n", body):
+        return False
+    return all(len(line) <= 998 for line in body.split(b"\r\n"))
+
+
+def _base64_lines(data: bytes) -> bytes:
+    encoded = base64.b64encode(data)
+    lines = [encoded[i: i + 76] for i in range(0, len(encoded), 76)]
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+def _replace_transfer_encoding(head: bytes, encoding: bytes) -> bytes:
+    out: list[bytes] = []
+    skipping = False
+    for line in _lines(_crlf(head)):
+        if line[:1] in (b" ", b"\t"):
+            if not skipping:
+                out.append(line)
+            continue
+        skipping = line.lower().startswith(b"content-transfer-encoding:")
+        if not skipping:
+            out.append(line)
+    out.append(b"Content-Transfer-Encoding: " + encoding + b"\r\n")
+    return b"".join(out)
+
+
+def seven_bit(raw: bytes) -> bytes:
+    """`raw` with CRLF line breaks and every leaf part 7-bit clean, decoded bytes unchanged.
+
+    A leaf whose body is not 7-bit clean (8-bit octets, NUL, bare CR or LF, lines over 998
+    octets) is re-encoded as base64 from its exact decoded bytes, so what the recipient's
+    decoder yields is what the sender wrote. Clean leaves and all structure pass unchanged
+    apart from line breaks made canonical.
+    """
+    entity = parse_entity(raw)
+    media_type, params = entity.content_type()
+    head = _crlf(entity.head)
+    if media_type in ("application/pkcs7-mime", "application/x-pkcs7-mime"):
+        # Base64 of someone's CMS: only its line breaks may change.
+        return head + b"\r\n" + _crlf(entity.body)
+    if media_type.startswith("multipart/") and "boundary" in params:
+        try:
+            preamble, parts, epilogue = multipart_parts(entity.body, params["boundary"])
+        except ValueError:
+            parts = []
+            preamble = epilogue = b""
+        if parts:
+            delimiter = b"--" + params["boundary"].encode("ascii")
+            out = head + b"\r\n" + _crlf(preamble)
+            for index, part in enumerate(parts):
+                out += (b"\r\n" if index or preamble else b"") + delimiter + b"\r\n"
+                if index == 0 and media_type == "multipart/signed":
+                    # Someone's signature covers these octets exactly: re-encoding them
+                    # would break it (RFC 8551 §3.1 asks the *signer* to make them 7-bit).
+                    out += part
+                else:
+                    out += seven_bit(part)
+            return out + b"\r\n" + delimiter + b"--\r\n" + _crlf(epilogue)
+    if media_type == "message/rfc822" and entity.transfer_encoding() in ("7bit", "8bit"):
+        return head + b"\r\n" + seven_bit(entity.body)
+    encoding = entity.transfer_encoding()
+    if encoding in ("base64", "quoted-printable"):
+        # Already a 7-bit encoding: its line breaks are not part of the decoded octets.
+        return head + b"\r\n" + _crlf(entity.body)
+    if _is_seven_bit_clean(entity.body):
+        return head + b"\r\n" + entity.body
+    return _replace_transfer_encoding(entity.head, b"base64") + b"\r\n" + _base64_lines(
+        entity.body
+    )

@@ -1,0 +1,106 @@
+"""From a verified CMS signature to the gateway's Verdict: trust, From:, time.
+
+The outermost signed layer speaks for the message; inner layers are reported as notes only,
+so a message re-signed by Dave is never presented as signed by Alice (Thunderbird's
+VERIFY_HEADER_MISMATCH rule).
+
+Followed: RFC 8551 §3.7 and RFC 8550 §3 (the signer's certificate must name the From:
+address, rfc822Name in subjectAltName or emailAddress in the subject, compared without case),
+RFC 7281 (the Authentication-Results `smime` method: what the reason and signer say),
+Thunderbird mimecms.cpp (a Date: more than one hour away from signingTime is a mismatch).
+
+Untrusted input: the signed layer's certificates and attributes, the From: and Date: fields.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+
+from cryptography import x509
+
+from adapters.base import TrustStore, Verdict, VerdictResult, certificate_addresses
+from adapters.cms.layers import SignedLayer
+from adapters.cms.trust import TrustProblem, check_certificate, fingerprint
+from adapters.cms.verify import SignatureCheck
+from gateway.errors import Reason
+
+__all__ = ["layer_note", "signature_verdict"]
+
+METHOD = "smime"
+_TIME_SLACK = dt.timedelta(hours=1)
+
+
+def _verdict(
+    result: VerdictResult, phrase: str, failure: Reason | None, check: SignatureCheck,
+    from_address: str | None,
+) -> Verdict:
+    certificate = check.certificate
+    if certificate is None:
+        return Verdict(METHOD, result, phrase, failure=failure, algorithm=check.algorithm or None)
+    addresses = certificate_addresses(certificate)
+    signer = from_address if from_address in addresses else (min(addresses) if addresses else None)
+    return Verdict(
+        METHOD, result, phrase, failure=failure,
+        signer=signer,
+        signer_subject=certificate.subject.rfc4514_string(),
+        signer_issuer=certificate.issuer.rfc4514_string(),
+        signer_serial=format(certificate.serial_number, "x"),
+        fingerprints=(fingerprint(certificate),),
+        algorithm=check.algorithm or None,
+    )
+
+
+def _date(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.UTC)
+
+
+def signature_verdict(
+    layer: SignedLayer,
+    *,
+    from_address: str | None,
+    date_header: str | None,
+    trust: TrustStore,
+    directory: tuple[x509.Certificate, ...],
+    now: dt.datetime,
+) -> Verdict:
+    checks = layer.signed.signers
+    check = next((c for c in checks if c.valid), checks[0])
+    if not check.valid:
+        return _verdict("fail", check.phrase, check.reason, check, from_address)
+    assert check.certificate is not None  # a valid check always names its certificate
+    try:
+        check_certificate(
+            check.certificate, purpose="sign", anchors=trust.anchors, crls=trust.crls,
+            intermediates=[*layer.signed.certificates, *directory], now=now,
+            signing_time=check.signing_time,
+        )
+    except TrustProblem as problem:
+        return _verdict("fail", problem.phrase, problem.reason, check, from_address)
+    if from_address is None or from_address not in certificate_addresses(check.certificate):
+        return _verdict(
+            "fail", "signer does not match From", Reason.SIGNER_MISMATCH, check, from_address
+        )
+    sent = _date(date_header)
+    if check.signing_time is not None and sent is not None:
+        if abs(sent - check.signing_time) > _TIME_SLACK:
+            # Thunderbird's VERIFY_TIME_MISMATCH: a replayed or back-dated signature.
+            return _verdict(
+                "fail", "time mismatch (Date: and signing time differ)",
+                Reason.SIGNATURE_INVALID, check, from_address,
+            )
+    return _verdict("pass", "signature verified", None, check, from_address)
+
+
+def layer_note(layer: SignedLayer, verdict: Verdict) -> str:
+    """One line for the audit about an inner signed layer (never content)."""
+    return (
+        f"inner smime layer: {verdict.result} ({verdict.reason}); signer "
+        f"{verdict.signer or verdict.signer_subject or 'unknown'}"
+    )

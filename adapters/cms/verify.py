@@ -1,0 +1,260 @@
+"""CMS SignedData signature verification (cryptography offers none, so it is written here).
+
+Followed: RFC 5652 §5 (SignedData, SignerInfo; §5.4 the signature covers the DER of the
+signed attributes re-tagged as SET OF; §11.1/§11.2 exactly one content-type and one
+message-digest attribute, content-type equal to eContentType), RFC 5754 (SHA-2 in CMS),
+RFC 4056 (RSASSA-PSS in CMS), RFC 5753 §7.1.3 / RFC 5758 (ECDSA), RFC 8419 (Ed25519),
+RFC 8551 §2.1 (SHA-1 and MD5 are not accepted for new signatures: refused by policy).
+
+This module answers only "does this signature verify over these octets, and by which
+certificate"; whether the certificate is trusted is `trust.py`'s question.
+
+Untrusted input: the SignedData structure, the certificates it carries, the signed octets.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from adapters.cms.parse import certificate_der, octets, set_der
+from gateway.errors import Reason
+
+__all__ = ["SignatureCheck", "SignedContent", "read_signed_data"]
+
+_DIGESTS: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha1": hashes.SHA1,
+    "sha224": hashes.SHA224,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+_WEAK = {"sha1", "md5", "md2"}
+
+
+@dataclass(frozen=True)
+class SignatureCheck:
+    """The outcome for one SignerInfo."""
+
+    valid: bool
+    reason: Reason | None  # when not valid
+    phrase: str  # "signature verified", "message-digest mismatch"...
+    certificate: x509.Certificate | None
+    digest: str  # "sha256"
+    algorithm: str  # "sha256WithRSAEncryption", "ecdsa-with-SHA256", "RSASSA-PSS/sha256"
+    signing_time: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class SignedContent:
+    content: bytes  # the octets that were signed (eContent, or the detached octets)
+    content_type: str  # eContentType, e.g. "data"
+    certificates: tuple[x509.Certificate, ...]  # as carried in the SignedData
+    signers: tuple[SignatureCheck, ...]
+
+
+def _fail(reason: Reason, phrase: str, **known: Any) -> SignatureCheck:
+    values: dict[str, Any] = {
+        "certificate": None, "digest": "", "algorithm": "", "signing_time": None,
+    }
+    values.update(known)
+    return SignatureCheck(valid=False, reason=reason, phrase=phrase, **values)
+
+
+def _as_asn1(certificate: x509.Certificate) -> Any:
+    return asn1_x509.Certificate.load(certificate.public_bytes(Encoding.DER))
+
+
+def _find_signer(sid: Any, candidates: Sequence[x509.Certificate]) -> x509.Certificate | None:
+    """RFC 5652 §5.3 SignerIdentifier: issuer and serial number, or subject key identifier."""
+    if sid.name == "issuer_and_serial_number":
+        wanted_issuer = sid.chosen["issuer"]
+        wanted_serial = sid.chosen["serial_number"].native
+        for certificate in candidates:
+            if certificate.serial_number != wanted_serial:
+                continue
+            if _as_asn1(certificate)["tbs_certificate"]["issuer"] == wanted_issuer:
+                return certificate
+        return None
+    wanted = bytes(sid.chosen.native)
+    for certificate in candidates:
+        try:
+            ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        except x509.ExtensionNotFound:
+            continue
+        if hmac.compare_digest(ski.value.digest, wanted):
+            return certificate
+    return None
+
+
+def _attribute(attributes: Any, name: str) -> list[Any]:
+    """Values of the attributes of one type; reads no other attribute (see parse.py)."""
+    found: list[Any] = []
+    for attribute in attributes:
+        if attribute["type"].native == name:
+            found.append([value.native for value in attribute["values"]])
+    return found
+
+
+def _signature_ok(
+    public_key: Any, algorithm: Any, digest_name: str, signature: bytes, data: bytes
+) -> tuple[bool, str]:
+    """(verified, algorithm name) for the signature over `data` (hashed here)."""
+    signature_name = algorithm["algorithm"].native
+    if signature_name == "rsassa_pss":
+        params = algorithm["parameters"]
+        hash_name = params["hash_algorithm"]["algorithm"].native
+        mgf = params["mask_gen_algorithm"]
+        if mgf["algorithm"].native != "mgf1":
+            raise _Unsupported(f"PSS mask generation {mgf['algorithm'].native}")
+        mgf_hash = mgf["parameters"]["algorithm"].native
+        if hash_name not in _DIGESTS or mgf_hash not in _DIGESTS:
+            raise _Unsupported(f"PSS hash {hash_name}/{mgf_hash}")
+        if params["trailer_field"].native not in ("trailer_field_bc", 1):
+            raise _Unsupported("PSS trailer field")
+        if not isinstance(public_key, rsa.RSAPublicKey):
+            return False, "RSASSA-PSS"
+        pss = padding.PSS(mgf=padding.MGF1(_DIGESTS[mgf_hash]()),
+                          salt_length=params["salt_length"].native)
+        try:
+            public_key.verify(signature, data, pss, _DIGESTS[hash_name]())
+            return True, f"RSASSA-PSS/{hash_name}"
+        except InvalidSignature:
+            return False, f"RSASSA-PSS/{hash_name}"
+    if signature_name == "ed25519":
+        if not isinstance(public_key, ed25519.Ed25519PublicKey):
+            return False, "Ed25519"
+        try:
+            public_key.verify(signature, data)
+            return True, "Ed25519"
+        except InvalidSignature:
+            return False, "Ed25519"
+    kind = algorithm.signature_algo  # "rsassa_pkcs1v15", "ecdsa", ...
+    try:
+        hash_name = algorithm.hash_algo  # e.g. sha256_rsa names its own hash
+    except ValueError:
+        hash_name = digest_name  # plain rsaEncryption / ecdsa: the SignerInfo's digest
+    if hash_name not in _DIGESTS:
+        raise _Unsupported(f"signature hash {hash_name}")
+    chosen = _DIGESTS[hash_name]()
+    if kind == "rsassa_pkcs1v15":
+        label = f"{hash_name}WithRSAEncryption"
+        if not isinstance(public_key, rsa.RSAPublicKey):
+            return False, label
+        try:
+            public_key.verify(signature, data, padding.PKCS1v15(), chosen)
+            return True, label
+        except InvalidSignature:
+            return False, label
+    if kind == "ecdsa":
+        label = f"ecdsa-with-{hash_name.upper()}"
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            return False, label
+        try:
+            public_key.verify(signature, data, ec.ECDSA(chosen))
+            return True, label
+        except InvalidSignature:
+            return False, label
+    raise _Unsupported(f"signature algorithm {signature_name}")
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _check_signer(
+    signer_info: Any, content: bytes, content_type: str, candidates: Sequence[x509.Certificate]
+) -> SignatureCheck:
+    digest_name = signer_info["digest_algorithm"]["algorithm"].native
+    certificate = _find_signer(signer_info["sid"], candidates)
+    if certificate is None:
+        return _fail(Reason.UNTRUSTED_SIGNER, "signer certificate not found", digest=digest_name)
+    known: dict[str, Any] = {"certificate": certificate, "digest": digest_name}
+    if digest_name not in _DIGESTS:
+        reason = Reason.WEAK_ALGORITHM if digest_name in _WEAK else Reason.UNSUPPORTED_ALGORITHM
+        return _fail(reason, f"digest {digest_name} not accepted", **known)
+    content_digest = hashes.Hash(_DIGESTS[digest_name]())
+    content_digest.update(content)
+    computed = content_digest.finalize()
+    signature = bytes(signer_info["signature"].native)
+    attributes = signer_info["signed_attrs"]
+    signing_time: dt.datetime | None = None
+    if attributes.contents:
+        digests = _attribute(attributes, "message_digest")
+        types = _attribute(attributes, "content_type")
+        if len(digests) != 1 or len(digests[0]) != 1 or len(types) != 1 or len(types[0]) != 1:
+            return _fail(Reason.SIGNATURE_INVALID, "signed attributes incomplete", **known)
+        if types[0][0] != content_type:
+            return _fail(Reason.SIGNATURE_INVALID, "content-type attribute mismatch", **known)
+        times = _attribute(attributes, "signing_time")
+        if len(times) > 1 or (times and len(times[0]) != 1):
+            return _fail(Reason.SIGNATURE_INVALID, "several signing times", **known)
+        if times and isinstance(times[0][0], dt.datetime):
+            signing_time = times[0][0]
+        known["signing_time"] = signing_time
+        signed = set_der(attributes)
+        digest_matches = hmac.compare_digest(bytes(digests[0][0]), computed)
+    else:
+        signed = content
+        digest_matches = True
+    try:
+        verified, label = _signature_ok(
+            certificate.public_key(), signer_info["signature_algorithm"], digest_name,
+            signature, signed,
+        )
+    except _Unsupported as error:
+        return _fail(Reason.UNSUPPORTED_ALGORITHM, f"{error} not supported", **known)
+    known["algorithm"] = label
+    if not verified:
+        return _fail(Reason.SIGNATURE_INVALID, "signature does not verify", **known)
+    if not digest_matches:
+        # The signed attributes are authentic but describe other content: the content
+        # was altered after signing (or the wrong part was presented as the signed one).
+        return _fail(Reason.SIGNATURE_INVALID, "message-digest mismatch", **known)
+    if digest_name in _WEAK:
+        shown = {"sha1": "SHA-1"}.get(digest_name, digest_name.upper())
+        return _fail(Reason.WEAK_ALGORITHM, f"weak digest {shown}", **known)
+    return SignatureCheck(valid=True, reason=None, phrase="signature verified", **known)
+
+
+def read_signed_data(
+    signed_data: Any, detached: bytes | None, extra: Sequence[x509.Certificate] = ()
+) -> SignedContent:
+    """Verify every SignerInfo over the eContent, or over `detached` when given.
+
+    With `detached` (multipart/signed), an eContent the SignedData may also carry is
+    ignored: what the reader sees is the first MIME part, so that is what must verify.
+    """
+    encapsulated = signed_data["encap_content_info"]
+    content_type = encapsulated["content_type"].native
+    if detached is not None:
+        content = detached
+    else:
+        if encapsulated["content"].native is None:
+            raise ValueError("opaque signed-data without content")
+        content = octets(encapsulated["content"])
+    carried: list[x509.Certificate] = []
+    for choice in signed_data["certificates"] or ():
+        certificate = certificate_der(choice)
+        if certificate is not None:
+            carried.append(certificate)
+    candidates = [*carried, *extra]
+    checks = tuple(
+        _check_signer(signer_info, content, content_type, candidates)
+        for signer_info in signed_data["signer_infos"]
+    )
+    if not checks:
+        raise ValueError("SignedData without SignerInfo")
+    return SignedContent(
+        content=content, content_type=content_type, certificates=tuple(carried), signers=checks
+    )

@@ -1,0 +1,341 @@
+"""The `openpgp` adapter: OpenPGP networks speaking PGP/MIME (RFC 3156, RFC 4880 / RFC 9580).
+
+    unwrap: peel `multipart/encrypted` and `multipart/signed` layers (and a body that is one
+            whole inline armored block), decrypting with the network identity and verifying
+            against the directory; report the outermost signature that covers the plaintext
+    wrap:   sign the content with the network identity (`multipart/signed`,
+            micalg=pgp-sha256), then encrypt once to every recipient's valid certificate
+            (`multipart/encrypted`); recipients without one are refused, never sent plaintext
+
+Rules that decide verdicts (see `adapters.pgpkeys.signature_verdict`):
+- a signature made over ciphertext (a `multipart/signed` around `multipart/encrypted`) says
+  nothing about the plaintext: it is noted, never reported as the author's signature;
+- inline blocks with unprotected text around them, and encrypted sub-parts of a larger
+  message, are left as they are: never counted as an encrypted or signed whole (EFAIL);
+- no integrity protection, or a failed integrity check, is a 5.7.7 failure and no plaintext
+  comes out.
+
+Untrusted input: the received message in `unwrap`; the inner content in `wrap`. Nothing but a
+GatewayError leaves either method: anything a parser raises becomes 5.6.0 malformed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from adapters.base import UnwrapContext, Unwrapped, Verdict, WrapContext, Wrapped
+from adapters.cms.entity import (
+    Entity,
+    address_of,
+    decode_body,
+    field_blocks,
+    multipart_parts,
+    parse_entity,
+    seven_bit,
+)
+from adapters.pgpkeys import (
+    CertInfo,
+    KeyIndex,
+    NetworkKey,
+    SignatureCheck,
+    decrypt,
+    encrypt,
+    key_index,
+    network_key,
+    sign_detached,
+    signature_verdict,
+    verify_detached,
+    verify_inline,
+)
+from adapters.pgpmime import (
+    canonical_crlf,
+    encrypted_entity,
+    find_armored,
+    new_boundary,
+    outer_fields,
+    signed_entity,
+    text_entity,
+    whole_armored,
+)
+from adapters.pgppackets import PacketError, split_packets
+from gateway.errors import GatewayError, PermanentFailure, Reason
+
+__all__ = [
+    "OpenPgpAdapter", "Peeled", "peel_openpgp", "recipient_certificate", "unwrap_openpgp",
+    "wrap_openpgp",
+]
+
+_MAX_LAYERS = 8
+_PGP_SIGNATURE = "application/pgp-signature"
+_PGP_ENCRYPTED = "application/pgp-encrypted"
+_SMIME_SIGNATURE = {"application/pkcs7-signature", "application/x-pkcs7-signature"}
+_ENCRYPTED_TAGS = {1, 3, 9, 18, 20}
+
+
+def malformed(detail: str) -> PermanentFailure:
+    return PermanentFailure(
+        "The message's OpenPGP/MIME structure could not be read", enhanced="5.6.0",
+        reason=Reason.MALFORMED, detail=detail,
+    )
+
+
+@dataclass
+class Peeled:
+    """What peeling found: the content, whether it was decrypted, the signatures that count."""
+
+    content: bytes
+    encrypted: bool = False
+    keys: list[str] = field(default_factory=list)
+    checks: list[tuple[SignatureCheck, bytes | None]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _merge(outer: list[tuple[str, bytes]], inner: Entity) -> bytes:
+    # A field the inner entity carries itself (protected headers) wins over the outer copy.
+    inner_names = {name for name, _ in field_blocks(inner.head)}
+    kept = b"".join(raw for name, raw in outer if name not in inner_names)
+    return kept + inner.head + (inner.separator or b"\r\n") + inner.body
+
+
+def _mime_entity(entity: Entity) -> bytes:
+    kept = b"".join(raw for name, raw in field_blocks(entity.head) if name.startswith("content-"))
+    return kept + (entity.separator or b"\r\n") + entity.body
+
+
+def _two_parts(entity: Entity, params: Mapping[str, str], what: str) -> list[bytes]:
+    try:
+        _, parts, _ = multipart_parts(entity.body, params.get("boundary", ""))
+    except ValueError as error:
+        raise malformed(f"{what}: {error}") from None
+    if len(parts) != 2:
+        raise malformed(f"{what} with {len(parts)} parts")
+    return parts
+
+
+def _is_encrypted(block: bytes) -> bool:
+    from adapters.pgpkeys import ps
+
+    try:
+        binary = b"".join(bytes(p) for p in ps.packet.PacketPile.from_bytes(block))
+        tags = {p.tag for p in split_packets(binary)}
+    except (PacketError, Exception):
+        return True  # unreadable: let decryption report it rather than treat it as signed
+    return bool(tags & _ENCRYPTED_TAGS)
+
+
+def peel_openpgp(raw: bytes, key: NetworkKey | None, index: KeyIndex) -> Peeled:
+    """Remove every OpenPGP layer of `raw`, outermost first."""
+    current = parse_entity(raw)
+    outer: list[tuple[str, bytes]] = []
+    peeled = Peeled(content=raw)
+    changed = False
+    for _ in range(_MAX_LAYERS + 1):
+        media_type, params = current.content_type()
+        protocol = params.get("protocol", "").lower()
+        inner: bytes
+        if media_type == "multipart/encrypted" and protocol == _PGP_ENCRYPTED:
+            parts = _two_parts(current, params, "multipart/encrypted")
+            payload = decode_body(parse_entity(parts[1]))
+            decrypted = decrypt(payload, _need(key), index)
+            if peeled.checks:
+                # Signatures over the ciphertext do not vouch for the plaintext.
+                peeled.notes.append("openpgp signature over the encrypted part not counted")
+                peeled.checks.clear()
+            peeled.encrypted = True
+            peeled.keys.append(decrypted.key)
+            if decrypted.check.signed:
+                peeled.checks.append((decrypted.check, None))
+            inner = decrypted.plaintext
+        elif media_type == "multipart/signed" and protocol == _PGP_SIGNATURE:
+            parts = _two_parts(current, params, "multipart/signed")
+            signature = decode_body(parse_entity(parts[1]))
+            check = verify_detached(canonical_crlf(parts[0]), signature, index)
+            peeled.checks.append((check, _mime_entity(current)))
+            inner = parts[0]
+        elif media_type == "multipart/signed" and protocol in _SMIME_SIGNATURE:
+            parts = _two_parts(current, params, "multipart/signed")
+            peeled.notes.append("S/MIME signature layer not verified by the openpgp adapter")
+            inner = parts[0]
+        elif media_type == "text/plain":
+            text = decode_body(current)
+            armored = whole_armored(text)
+            if armored is None:
+                if find_armored(text):
+                    peeled.notes.append("partial inline OpenPGP left as is (not a whole)")
+                break
+            if armored.kind == "message" and _is_encrypted(armored.block):
+                decrypted = decrypt(armored.block, _need(key), index)
+                peeled.checks.clear()
+                peeled.encrypted = True
+                peeled.keys.append(decrypted.key)
+                if decrypted.check.signed:
+                    peeled.checks.append((decrypted.check, None))
+                clear = decrypted.plaintext
+            else:
+                content, check = verify_inline(armored.block, index)
+                peeled.checks.append((check, None))
+                if content is None:
+                    # Not verified: keep the message exactly as it arrived.
+                    peeled.notes.append("inline signature not verified; body left as is")
+                    break
+                clear = content
+            replaced = parse_entity(text_entity(current, clear))
+            peeled.content = _merge(outer, replaced) if outer else (
+                canonical_crlf(replaced.head) + b"\r\n" + replaced.body
+            )
+            return peeled
+        else:
+            if media_type.startswith("multipart/") and find_armored(current.body):
+                peeled.notes.append("OpenPGP data inside a larger message left as is")
+            break
+        changed = True
+        outer += [(n, b) for n, b in field_blocks(current.head) if not n.startswith("content-")]
+        current = parse_entity(inner)
+    else:
+        raise malformed(f"more than {_MAX_LAYERS} nested OpenPGP layers")
+    if changed:
+        peeled.content = _merge(outer, current)
+    return peeled
+
+
+def _need(key: NetworkKey | None) -> NetworkKey:
+    if key is None:
+        raise PermanentFailure(
+            "The gateway holds no OpenPGP key for this network", enhanced="5.7.5",
+            reason=Reason.NO_DECRYPTION_KEY, detail="encrypted mail, no network identity",
+        )
+    return key
+
+
+def unwrap_openpgp(raw: bytes, context: UnwrapContext, method: str, source: str) -> Unwrapped:
+    index = key_index(context.directory)
+    key = network_key(context.identity) if context.identity is not None and (
+        context.identity.openpgp_secret
+    ) else None
+    peeled = peel_openpgp(raw, key, index)
+    content_entity = parse_entity(peeled.content)
+    from_address = address_of(content_entity.get("from"))
+    verdict = Verdict.unsigned(method)
+    signed_entity_bytes: bytes | None = None
+    for position, (check, entity) in enumerate(peeled.checks):
+        layer = signature_verdict(check, index, from_address, context.now, method)
+        if position == 0:
+            verdict = layer
+            if layer.result == "pass":
+                signed_entity_bytes = entity
+        else:
+            peeled.notes.append(
+                f"inner openpgp signature: {layer.result} ({layer.reason}); signer "
+                f"{layer.signer or 'unknown'}"
+            )
+    return Unwrapped(
+        content=peeled.content,
+        signature=verdict,
+        source_format=source,
+        encrypted=peeled.encrypted,
+        decryption_keys=tuple(peeled.keys),
+        signed_entity=signed_entity_bytes,
+        notes=tuple(peeled.notes),
+    )
+
+
+# -- wrap ------------------------------------------------------------------------------------
+
+def recipient_certificate(
+    address: str, index: KeyIndex, context: WrapContext
+) -> tuple[CertInfo | None, str]:
+    """The newest usable certificate for `address`, or None and why."""
+    candidates = index.for_address(address)
+    if not candidates:
+        return None, "no OpenPGP certificate in the directory"
+    usable = [
+        c for c in candidates
+        if not c.revoked and not c.expired(context.now) and c.encryption_capable
+    ]
+    if not usable:
+        reasons = sorted({
+            "revoked" if c.revoked else "expired" if c.expired(context.now)
+            else "no encryption key" for c in candidates
+        })
+        return None, "certificate " + ", ".join(reasons)
+    return max(usable, key=lambda c: c.created), ""
+
+
+def wrap_openpgp(
+    message: Unwrapped, context: WrapContext, source_name: str
+) -> tuple[bytes, dict[str, PermanentFailure], dict[str, str], str]:
+    """(PGP/MIME message, refused, recipient keys, signer key) for `context.recipients`."""
+    try:
+        key = network_key(context.identity)
+    except PermanentFailure as error:
+        raise PermanentFailure(
+            "The gateway has no usable OpenPGP identity for this network", enhanced="5.3.5",
+            reason=Reason.WRAP_FAILED, detail=error.detail,
+        ) from None
+    index = key_index(context.directory)
+    refused: dict[str, PermanentFailure] = {}
+    chosen: dict[str, CertInfo] = {}
+    for address in context.recipients:
+        cert, why = recipient_certificate(address, index, context)
+        if cert is None:
+            refused[address] = PermanentFailure(
+                f"No valid OpenPGP key is known for {address}; ask the recipient for their "
+                "current public key and add it to the gateway's directory",
+                enhanced="5.7.1", reason=Reason.NO_RECIPIENT_KEY, detail=f"{address}: {why}",
+            )
+        else:
+            chosen[address] = cert
+    if not chosen:
+        return b"", refused, {}, key.fingerprint
+    content = parse_entity(message.content)
+    if message.source_format == source_name and message.signed_entity:
+        # Keep the author's verified signature inside; the gateway signs around it.
+        header = b"".join(
+            raw for name, raw in field_blocks(content.head) if not name.startswith("content-")
+        )
+        to_sign = seven_bit(header + message.signed_entity)
+    else:
+        to_sign = seven_bit(message.content)
+    signature = sign_detached(key, to_sign, context.now)
+    signed = signed_entity(
+        to_sign, signature, "pgp-sha256", new_boundary(context.random, to_sign, "signed")
+    )
+    unique = list({c.fingerprint: c for c in chosen.values()}.values())
+    armored = encrypt(signed, unique)
+    wrapped = encrypted_entity(
+        outer_fields(content.head), armored, new_boundary(context.random, b"", "encrypted")
+    )
+    return (
+        wrapped, refused, {a: c.fingerprint for a, c in chosen.items()}, key.fingerprint
+    )
+
+
+class OpenPgpAdapter:
+    name = "openpgp"
+    method = "x-openpgp"
+
+    def option_problems(self, options: Mapping[str, object]) -> list[str]:
+        return [f"option {key!r} is not known to the openpgp adapter (it takes none)"
+                for key in options]
+
+    def unwrap(self, raw: bytes, context: UnwrapContext) -> Unwrapped:
+        try:
+            return unwrap_openpgp(raw, context, self.method, self.name)
+        except GatewayError:
+            raise
+        except Exception as error:  # never crash the worker on hostile input
+            raise malformed(f"openpgp unwrap: {type(error).__name__}: {error}") from None
+
+    def wrap(self, message: Unwrapped, context: WrapContext) -> Wrapped:
+        try:
+            content, refused, keys, signer = wrap_openpgp(message, context, self.name)
+        except GatewayError:
+            raise
+        except Exception as error:
+            raise PermanentFailure(
+                "The message could not be prepared for the OpenPGP network; its MIME "
+                "structure could not be read", enhanced="5.6.0", reason=Reason.MALFORMED,
+                detail=f"openpgp wrap: {type(error).__name__}: {error}",
+            ) from None
+        return Wrapped(content=content, refused=refused, recipient_keys=keys, signer_key=signer)

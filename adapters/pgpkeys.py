@@ -1,0 +1,511 @@
+"""OpenPGP keys, decryption, verification and verdicts, on pysequoia (RFC 4880, RFC 9580).
+
+pysequoia is untyped; every call into it is made here, behind typed functions, so `Any`
+stays in this module. What the gateway relies on:
+
+- the network identity (a transferable secret key) decrypts: each encryption-capable secret
+  (sub)key is tried in turn, so a wildcard key ID (RFC 9580 §5.1.1, "hidden recipient") finds
+  the right one;
+- a signature counts only if it verifies against a certificate from the directory, whose
+  non-revoked user ID carries the From address, the certificate neither revoked nor expired
+  at the pipeline's `now`. Keys that arrive with the message (Autocrypt headers, attachments,
+  gossip) are never consulted: the verification store only answers from the directory;
+- pysequoia 0.1.35 cannot verify GnuPG's default signed+encrypted output (compressed), see
+  `adapters.pgppackets`: decryption and integrity come from pysequoia, the signatures are then
+  verified by pysequoia over the decrypted packets in a second step.
+
+Where pysequoia draws its own randomness and time: session keys and ECDH ephemerals in
+`encrypt` come from Sequoia's RNG (the library offers no hook), and its policy checks
+(signature and key validity) use the system clock; the gateway's own checks use `now`.
+
+Untrusted input: messages and signatures from peers; certificates in the directory.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pysequoia as _ps
+
+from adapters.base import Directory, Identity, Verdict
+from adapters.pgppackets import (
+    InnerMessage,
+    PacketError,
+    SecretKey,
+    build_identity,
+    detached_signature,
+    open_inner,
+    read_secret_keys,
+    split_packets,
+)
+from gateway.errors import PermanentFailure, Reason
+
+__all__ = [
+    "CertInfo",
+    "Decryption",
+    "KeyIndex",
+    "NetworkKey",
+    "SignatureCheck",
+    "decrypt",
+    "encrypt",
+    "generate_identity",
+    "key_index",
+    "network_key",
+    "sign_detached",
+    "signature_verdict",
+    "verify_detached",
+    "verify_inline",
+]
+
+ps: Any = _ps  # pysequoia ships no usable types for mypy --strict: keep Any in this module
+_MEMO_KEY = "openpgp.certs"
+
+
+def generate_identity(
+    user_id: str, *, created: datetime | None = None,
+    random: Callable[[int], bytes] = os.urandom,
+) -> bytes:
+    """An armored transferable secret key for the gateway that GnuPG 2.2 peers can use.
+
+    Ed25519 primary key (certify, sign) and Cv25519 encryption subkey, v4, Features = MDC
+    only: never the SEIPD v2 flag Sequoia's own generator sets, which GnuPG 2.2 cannot handle.
+    """
+    binary = build_identity(user_id, created or datetime.now(UTC), random)
+    return str(ps.armor(binary, ps.ArmorKind.SecretKey)).encode("ascii")
+
+
+def _armor_message(binary: bytes) -> bytes:
+    return str(ps.armor(binary, ps.ArmorKind.Message)).encode("ascii")
+
+
+def _armor_signature(binary: bytes) -> bytes:
+    return str(ps.armor(binary, ps.ArmorKind.Signature)).encode("ascii")
+
+
+def _email(user_id: str) -> str | None:
+    _, address = email.utils.parseaddr(user_id)
+    return address.lower() if "@" in address else None
+
+
+# -- the directory ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CertInfo:
+    cert: Any
+    fingerprint: str  # primary key, upper-case hex
+    key_handles: frozenset[str]  # lower-case fingerprints and key IDs of every (sub)key
+    user_ids: tuple[str, ...]  # non-revoked user IDs
+    emails: frozenset[str]
+    revoked: bool
+    expiration: datetime | None
+    encryption_capable: bool
+    created: datetime
+
+    def expired(self, now: datetime) -> bool:
+        return self.expiration is not None and self.expiration <= now
+
+
+@dataclass(frozen=True)
+class KeyIndex:
+    certs: tuple[CertInfo, ...]
+    problems: tuple[str, ...] = ()
+
+    def lookup(self, handles: Sequence[str]) -> list[CertInfo]:
+        wanted = {h.lower() for h in handles}
+        return [c for c in self.certs if c.key_handles & wanted]
+
+    def for_address(self, address: str) -> list[CertInfo]:
+        return [c for c in self.certs if address.lower() in c.emails]
+
+
+def _cert_info(cert: Any) -> CertInfo:
+    handles: set[str] = set()
+    encryption = False
+    created = datetime.fromtimestamp(0, UTC)
+    for position, item in enumerate(ps.packet.PacketPile.from_bytes(bytes(cert))):
+        if position == 0 and item.key_created is not None:
+            created = item.key_created
+            if created.tzinfo is None:
+                created = created.replace(tzinfo=UTC)
+        fpr = item.fingerprint
+        if fpr:
+            handles.add(str(fpr).lower())
+            handles.add(str(fpr).lower()[-16:])
+        flags = item.key_flags
+        if flags is not None and (flags.transport_encryption or flags.storage_encryption):
+            encryption = True
+    user_ids = tuple(str(u) for u in cert.user_ids)
+    emails = frozenset(e for e in (_email(u) for u in user_ids) if e)
+    expiration = cert.expiration
+    if expiration is not None and expiration.tzinfo is None:
+        expiration = expiration.replace(tzinfo=UTC)
+    return CertInfo(
+        cert=cert, fingerprint=str(cert.fingerprint).upper(), key_handles=frozenset(handles),
+        user_ids=user_ids, emails=emails, revoked=bool(cert.is_revoked),
+        expiration=expiration, encryption_capable=encryption, created=created,
+    )
+
+
+def key_index(directory: Directory) -> KeyIndex:
+    """The directory's OpenPGP certificates, parsed once per Directory object."""
+    cached = directory.memo.get(_MEMO_KEY)
+    if isinstance(cached, KeyIndex):
+        return cached
+    certs: list[CertInfo] = []
+    problems: list[str] = []
+    for number, entry in enumerate(directory.openpgp):
+        try:
+            for cert in ps.Cert.split_bytes(entry):
+                certs.append(_cert_info(cert))
+        except Exception as error:  # one bad file must not hide the others
+            problems.append(f"directory OpenPGP entry {number}: {error}")
+    index = KeyIndex(tuple(certs), tuple(problems))
+    directory.memo[_MEMO_KEY] = index
+    return index
+
+
+# -- the network identity ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NetworkKey:
+    fingerprint: str
+    secret_keys: tuple[SecretKey, ...]
+    decryptors: tuple[tuple[str, Any], ...]  # (key fingerprint, pysequoia decryptor)
+    signing: SecretKey | None
+    memo: dict[str, object] = field(default_factory=dict, compare=False)
+
+
+_IDENTITIES: dict[bytes, NetworkKey] = {}
+
+
+def _flags(packets: list[Any]) -> tuple[bool, bool]:
+    """(sign, encrypt) according to the self-signatures among `packets`."""
+    sign = encrypt = False
+    for item in packets:
+        flags = item.key_flags
+        if flags is not None:
+            sign = sign or bool(flags.signing)
+            encrypt = encrypt or bool(flags.transport_encryption or flags.storage_encryption)
+    return sign, encrypt
+
+
+def network_key(identity: Identity | None) -> NetworkKey:
+    """The parsed secret key of a network identity (cached by its octets)."""
+    if identity is None or not identity.openpgp_secret:
+        raise PermanentFailure(
+            "The gateway holds no OpenPGP key for this network",
+            enhanced="5.7.5", reason=Reason.NO_DECRYPTION_KEY,
+            detail="network identity has no openpgp_secret",
+        )
+    cached = _IDENTITIES.get(identity.openpgp_secret)
+    if cached is not None:
+        return cached
+    try:
+        tsk = ps.Tsk.from_bytes(identity.openpgp_secret)
+        binary = bytes(tsk)
+        secrets = {k.fingerprint: k for k in read_secret_keys(binary)}
+        packets = list(ps.packet.PacketPile.from_bytes(binary))
+    except (PacketError, Exception) as error:
+        raise PermanentFailure(
+            "The gateway's OpenPGP key for this network cannot be used",
+            enhanced="5.7.5", reason=Reason.NO_DECRYPTION_KEY,
+            detail=f"identity {identity.name}: {error}",
+        ) from None
+    # Group: primary key block, then one block per subkey (key packet + its signatures).
+    groups: list[list[Any]] = [[]]
+    for item in packets:
+        if item.tag == ps.packet.Tag.SecretSubkey:
+            groups.append([])
+        groups[-1].append(item)
+    head = groups[0]
+    primary_fpr = str(head[0].fingerprint).upper()
+    decryptors: list[tuple[str, Any]] = []
+    signing: SecretKey | None = None
+    primary_sign, primary_encrypt = _flags(head)
+    if primary_sign:
+        signing = secrets.get(primary_fpr)
+    if primary_encrypt:
+        decryptors.append((primary_fpr, tsk.decryptor()))
+    for group in groups[1:]:
+        fpr = str(group[0].fingerprint).upper()
+        sign, encrypt = _flags(group[1:])
+        if sign and signing is None:
+            signing = secrets.get(fpr)
+        if encrypt:
+            try:
+                decryptors.append((fpr, ps.Tsk.from_packets(head + group).decryptor()))
+            except Exception:  # a subkey Sequoia's policy refuses is skipped, not fatal
+                continue
+    loaded = NetworkKey(primary_fpr, tuple(secrets.values()), tuple(decryptors), signing)
+    if len(_IDENTITIES) >= 32:  # reloads replace identities: keep the cache bounded
+        _IDENTITIES.clear()
+    _IDENTITIES[identity.openpgp_secret] = loaded
+    return loaded
+
+
+# -- signatures -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SignatureCheck:
+    """What pysequoia found about the signatures over some data."""
+
+    issuers: tuple[str, ...]  # key handles the signatures name (asked of the store)
+    valid: tuple[tuple[str, str], ...]  # (certificate fingerprint, signing key fingerprint)
+    algorithm: str | None = None
+    unreadable: bool = False  # a signature was there but could not be parsed
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.issuers or self.valid or self.unreadable)
+
+
+class _Store:
+    """The pysequoia certificate lookup: only the directory answers."""
+
+    def __init__(self, index: KeyIndex) -> None:
+        self.index = index
+        self.asked: list[str] = []
+
+    def __call__(self, handles: list[str]) -> list[Any]:
+        self.asked.extend(str(h) for h in handles)
+        return [c.cert for c in self.index.lookup([str(h) for h in handles])]
+
+
+def _valid(result: Any) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (str(v.certificate).upper(), str(v.signing_key).upper()) for v in result.valid_sigs
+    )
+
+
+def _algorithm(signature_packets: Sequence[bytes]) -> str | None:
+    for raw in signature_packets:
+        try:
+            sig = ps.Sig.from_bytes(raw)
+            key = str(sig.key_algorithm).rsplit(".", 1)[-1]
+            digest = str(sig.hash_algorithm).rsplit(".", 1)[-1]
+            return f"{key}/{digest}"
+        except Exception:
+            continue
+    return None
+
+
+def verify_detached(data: bytes, signature: bytes, index: KeyIndex) -> SignatureCheck:
+    """Check a detached signature (armored or binary) over exactly `data`."""
+    try:
+        sig = ps.Sig.from_bytes(signature)
+    except Exception:
+        return SignatureCheck((), (), unreadable=True)
+    issuer = sig.issuer_fingerprint or sig.issuer_key_id
+    algorithm = _algorithm([bytes(sig)])
+    store = _Store(index)
+    try:
+        result = ps.verify(bytes=data, signature=sig, store=store)
+        valid = _valid(result)
+    except Exception:
+        valid = ()
+    issuers = tuple(store.asked) or ((str(issuer),) if issuer else ())
+    return SignatureCheck(issuers, valid, algorithm)
+
+
+def verify_inline(message: bytes, index: KeyIndex) -> tuple[bytes | None, SignatureCheck]:
+    """(signed content, check) of an inline-signed or cleartext-signed message.
+
+    The content is None when pysequoia found no valid signature: it then never hands the
+    data out, and the caller keeps the message as it arrived.
+    """
+    store = _Store(index)
+    try:
+        result = ps.verify(bytes=message, store=store)
+    except Exception:
+        return None, SignatureCheck(tuple(store.asked), (), unreadable=not store.asked)
+    content = result.bytes
+    return (bytes(content) if content is not None else None), SignatureCheck(
+        tuple(store.asked), _valid(result)
+    )
+
+
+def signature_verdict(
+    check: SignatureCheck, index: KeyIndex, from_address: str | None, now: datetime,
+    method: str,
+) -> Verdict:
+    """The gateway's verdict about one signed layer."""
+    if not check.signed:
+        return Verdict.unsigned(method)
+    algorithm = check.algorithm
+
+    def fail(phrase: str, reason: Reason, cert: CertInfo | None) -> Verdict:
+        return Verdict(
+            method, "fail", phrase, failure=reason,
+            signer=(from_address if cert and from_address in cert.emails
+                    else (min(cert.emails) if cert and cert.emails else None)),
+            signer_subject=cert.user_ids[0] if cert and cert.user_ids else None,
+            fingerprints=(cert.fingerprint,) if cert else (),
+            algorithm=algorithm,
+        )
+
+    if check.unreadable and not check.valid:
+        return fail("damaged signature", Reason.SIGNATURE_INVALID, None)
+    first_problem: Verdict | None = None
+    for cert_fpr, _key in check.valid:
+        found = [c for c in index.certs if c.fingerprint == cert_fpr]
+        if not found:
+            continue
+        cert = found[0]
+        if cert.revoked:
+            problem = fail("signer key revoked", Reason.REVOKED, cert)
+        elif cert.expired(now):
+            problem = fail("signer key expired", Reason.EXPIRED, cert)
+        elif from_address is None or from_address not in cert.emails:
+            problem = fail("signer does not match From", Reason.SIGNER_MISMATCH, cert)
+        else:
+            uid = next((u for u in cert.user_ids if _email(u) == from_address), None)
+            return Verdict(
+                method, "pass", "signature verified", signer=from_address,
+                signer_subject=uid, fingerprints=(cert.fingerprint,), algorithm=algorithm,
+            )
+        first_problem = first_problem or problem
+    if first_problem is not None:
+        return first_problem
+    known = index.lookup(check.issuers)
+    if not known:
+        return fail("signer key unknown", Reason.UNTRUSTED_SIGNER, None)
+    cert = known[0]
+    if cert.revoked:
+        return fail("signer key revoked", Reason.REVOKED, cert)
+    if cert.expired(now):
+        return fail("signer key expired", Reason.EXPIRED, cert)
+    return fail("bad signature", Reason.SIGNATURE_INVALID, cert)
+
+
+# -- decryption -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Decryption:
+    plaintext: bytes  # the literal data, decrypted and integrity-checked by pysequoia
+    key: str  # fingerprint of the (sub)key that decrypted
+    check: SignatureCheck  # signatures inside the encryption
+    inner: InnerMessage | None
+
+
+def _failure(phrase: str, reason: Reason, enhanced: str, detail: str) -> PermanentFailure:
+    return PermanentFailure(phrase, enhanced=enhanced, reason=reason, detail=detail)
+
+
+def decrypt(message: bytes, key: NetworkKey, index: KeyIndex) -> Decryption:
+    """Decrypt an OpenPGP message and check the signatures inside it.
+
+    Raises PermanentFailure: 5.7.5 when the gateway's key is not a recipient or decryption
+    fails, 5.7.7 when the message has no integrity protection or fails its integrity check.
+    No plaintext leaves this function in either case.
+    """
+    try:
+        binary = b"".join(bytes(p) for p in ps.packet.PacketPile.from_bytes(message))
+        packets = split_packets(binary)
+    except Exception:
+        try:
+            binary = message
+            packets = split_packets(message)
+        except PacketError as error:
+            raise _failure(
+                "The encrypted part of the message is damaged", Reason.DECRYPTION_FAILED,
+                "5.7.5", f"openpgp: unreadable message: {error}",
+            ) from None
+    tags = {p.tag for p in packets}
+    if 9 in tags:  # SED: no integrity protection at all (EFAIL, RFC 9580 §5.7)
+        raise _failure(
+            "The message is encrypted without integrity protection; ask the sender to use a "
+            "current OpenPGP program", Reason.DECRYPTION_FAILED, "5.7.7",
+            "openpgp: symmetrically encrypted data packet without MDC",
+        )
+    recipients = {p.body[1:9] for p in packets if p.tag == 1 and len(p.body) > 9}
+    ours = {bytes.fromhex(k.fingerprint)[-8:] for k in key.secret_keys}
+    if recipients and not (recipients & ours) and bytes(8) not in recipients:
+        raise _failure(
+            "The message is not encrypted to the gateway's key for this network; ask the "
+            "sender to encrypt to the gateway's published key", Reason.NO_DECRYPTION_KEY,
+            "5.7.5", "openpgp: no PKESK for the network identity",
+        )
+    plaintext: bytes | None = None
+    used = ""
+    errors: list[str] = []
+    for fingerprint, decryptor in key.decryptors:
+        try:
+            result = ps.decrypt(binary, decryptor)
+        except Exception as error:
+            errors.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
+            continue
+        plaintext, used = bytes(result.bytes or b""), fingerprint
+        break
+    if plaintext is None:
+        text = "; ".join(errors).lower()
+        # A flipped ciphertext byte surfaces as an MDC mismatch or, inside compressed data,
+        # as a broken deflate stream before the MDC is reached: both are integrity failures.
+        integrity = any(w in text for w in ("manipulat", "mdc", "inflate", "deflate",
+                                             "checksum", "decompress", "authentication"))
+        if integrity and "no key to decrypt" not in text:
+            raise _failure(
+                "The encrypted message was altered in transit (integrity check failed)",
+                Reason.DECRYPTION_FAILED, "5.7.7", f"openpgp: {'; '.join(errors)}",
+            )
+        raise _failure(
+            "The message could not be decrypted with the gateway's key for this network",
+            Reason.DECRYPTION_FAILED, "5.7.5", f"openpgp: {'; '.join(errors)}",
+        )
+    # Second step: the signatures inside. A store that only records the issuers tells whether
+    # any signature is there at all, whatever the layering.
+    recorder = _Store(KeyIndex(()))
+    decryptor = dict(key.decryptors)[used]
+    try:
+        ps.decrypt(binary, decryptor, store=recorder)
+    except Exception:
+        pass  # expected: with no certificates no signature is valid
+    inner: InnerMessage | None = None
+    try:
+        inner = open_inner(binary, list(key.secret_keys))
+    except (PacketError, ValueError):
+        inner = None
+    if inner is not None:
+        try:
+            literal = inner.literal
+        except (PacketError, IndexError):
+            literal = None
+        if literal != plaintext:
+            # Two decryptions of one message disagree: believe neither about signatures.
+            inner = None
+    if inner is not None and inner.signatures:
+        store = _Store(index)
+        try:
+            valid = _valid(ps.verify(bytes=inner.signed_message, store=store))
+        except Exception:
+            valid = ()
+        issuers = tuple(store.asked) or tuple(recorder.asked)
+        check = SignatureCheck(issuers, valid, _algorithm([p.raw for p in inner.signatures]))
+    elif recorder.asked:
+        # Signed, but in a form only pysequoia could open: it did not let the check through.
+        check = SignatureCheck(tuple(recorder.asked), ())
+    else:
+        check = SignatureCheck((), ())
+    return Decryption(plaintext, used, check, inner)
+
+
+# -- wrapping ---------------------------------------------------------------------------------
+
+def sign_detached(key: NetworkKey, data: bytes, now: datetime) -> bytes:
+    """An armored SHA-256 detached signature over `data` by the network identity."""
+    if key.signing is None:
+        raise PermanentFailure(
+            "The gateway's OpenPGP key for this network cannot sign", enhanced="5.7.5",
+            reason=Reason.WRAP_FAILED, detail="identity has no signing-capable secret key",
+        )
+    return _armor_signature(detached_signature(key.signing, data, now))
+
+
+def encrypt(data: bytes, certs: Sequence[CertInfo]) -> bytes:
+    """An armored OpenPGP message of `data` for every certificate (session key by Sequoia)."""
+    result = ps.encrypt(data, [c.cert for c in certs], armor=True)
+    return result if isinstance(result, bytes) else str(result).encode("ascii")

@@ -1,0 +1,255 @@
+"""The tamper-evident audit trail (DESIGN.md §6): append-only JSON Lines chained by SHA-256.
+
+Each record carries `prev`, the hash of the record before it, and `hash`, the SHA-256 of its own
+canonical JSON (sorted keys, no `hash` field). Editing, inserting or deleting a record breaks the
+chain at that point, and `verify` names the first broken record. Files rotate daily
+(`audit-YYYY-MM-DD.jsonl`); the first record of a file links to the last of the previous one,
+so the chain runs across files, and files older than the retention are removed whole (the
+oldest remaining file then starts the chain: `verify` reports where it starts).
+
+Never content, never the Subject: callers pass envelope facts only, and `record` refuses the
+field names that would carry them.
+
+Durability: every record is written with one `write()` on an O_APPEND descriptor; `durable()`
+fsyncs, shared by all callers waiting at the same time (group commit). The accept stage awaits
+it before the 250, so a message that got a 250 always has its `received` record. After a crash a
+torn last line is cut at start and the repair is itself recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AuditTrail", "Broken", "read_records", "verify"]
+
+GENESIS = "0" * 64
+_FILE = re.compile(r"^audit-(\d{4}-\d{2}-\d{2})\.jsonl$")
+_FORBIDDEN = frozenset({"subject", "content", "body", "data", "message"})
+
+
+def _digest(record: dict[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != "hash"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _FILE.match(p.name))
+
+
+class AuditTrail:
+    def __init__(self, folder: Path, retention: float = 183 * 86400.0,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.folder = folder
+        self.retention = retention
+        self.clock = clock or (lambda: dt.datetime.now(dt.UTC).timestamp())
+        self.last_hash = GENESIS
+        self.day = ""
+        self.fd = -1
+        self._dirty = False
+        self._sync_task: asyncio.Task[None] | None = None
+
+    # -- opening and repair --------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        files = _files(self.folder)
+        repaired = None
+        if files:
+            repaired = self._repair(files[-1])
+            for record in read_records([files[-1]]):
+                self.last_hash = record.get("hash", self.last_hash)
+        self._rotate_if_needed()
+        self._expire()
+        if repaired is not None:
+            self.record("repair", file=files[-1].name, removed_bytes=repaired,
+                        why="torn last record after an unclean stop")
+
+    def _repair(self, path: Path) -> int | None:
+        """Cut a torn or unparseable last line; returns how many bytes were removed."""
+        data = path.read_bytes()
+        if not data:
+            return None
+        keep = len(data)
+        if not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+        else:
+            last_start = data.rfind(b"\n", 0, len(data) - 1) + 1
+            try:
+                json.loads(data[last_start:])
+            except ValueError:
+                keep = last_start
+        if keep == len(data):
+            return None
+        with open(path, "r+b") as handle:
+            handle.truncate(keep)
+            os.fsync(handle.fileno())
+        return len(data) - keep
+
+    def _rotate_if_needed(self) -> None:
+        day = dt.datetime.fromtimestamp(self.clock(), dt.UTC).strftime("%Y-%m-%d")
+        if day == self.day and self.fd >= 0:
+            return
+        if self.fd >= 0:
+            os.fsync(self.fd)
+            os.close(self.fd)
+        self.day = day
+        path = self.folder / f"audit-{day}.jsonl"
+        fresh = not path.exists() or path.stat().st_size == 0
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        folder_fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(folder_fd)
+        finally:
+            os.close(folder_fd)
+        if fresh:
+            # Every file opens with a link record, so the chain may only start at a file
+            # boundary: removing the first records of the oldest file is then detected.
+            self._append("rotate", {"file": path.name})
+
+    def _expire(self) -> None:
+        horizon = dt.datetime.fromtimestamp(self.clock() - self.retention, dt.UTC)
+        for path in _files(self.folder):
+            match = _FILE.match(path.name)
+            assert match is not None
+            day = dt.datetime.strptime(match.group(1), "%Y-%m-%d").replace(tzinfo=dt.UTC)
+            if day + dt.timedelta(days=1) < horizon and path.name != f"audit-{self.day}.jsonl":
+                path.unlink()
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def record(self, event: str, **fields: Any) -> dict[str, Any]:
+        forbidden = _FORBIDDEN & {k.lower() for k in fields}
+        if forbidden:
+            raise ValueError(f"audit records never carry {', '.join(sorted(forbidden))}")
+        self._rotate_if_needed()
+        return self._append(event, fields)
+
+    def _append(self, event: str, fields: dict[str, Any]) -> dict[str, Any]:
+        now = self.clock()
+        record: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="milliseconds"),
+            "event": event,
+            **{k: v for k, v in fields.items() if v is not None},
+            "prev": self.last_hash,
+        }
+        record["hash"] = _digest(record)
+        line = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        os.write(self.fd, line.encode("utf-8") + b"\n")
+        self.last_hash = record["hash"]
+        self._dirty = True
+        return record
+
+    def sync(self) -> None:
+        if self._dirty and self.fd >= 0:
+            self._dirty = False
+            os.fsync(self.fd)
+
+    async def durable(self) -> None:
+        """Wait until every record written so far is on disk; concurrent callers share fsyncs."""
+        while self._sync_task is not None:
+            await asyncio.shield(self._sync_task)
+        if not self._dirty:
+            return
+        self._sync_task = asyncio.create_task(asyncio.to_thread(self.sync))
+        try:
+            await asyncio.shield(self._sync_task)
+        finally:
+            self._sync_task = None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.sync()
+            os.close(self.fd)
+            self.fd = -1
+
+
+# -- reading and verifying ------------------------------------------------------------------
+
+
+def read_records(files: list[Path]) -> Iterator[dict[str, Any]]:
+    for path in files:
+        with open(path, "rb") as handle:
+            for number, line in enumerate(handle, 1):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = {"event": "unparseable", "_broken": True}
+                record["_file"] = path.name
+                record["_line"] = number
+                yield record
+
+
+@dataclass(frozen=True)
+class Broken:
+    file: str
+    line: int
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.why}"
+
+
+def verify(folder: Path) -> tuple[int, Broken | None]:
+    """Check the whole chain; returns (records checked, the first broken record or None)."""
+    previous: str | None = None
+    count = 0
+    for record in read_records(_files(folder)):
+        where = (record.pop("_file"), record.pop("_line"))
+        if record.pop("_broken", False):
+            return count, Broken(*where, "the line is not a JSON record (edited or torn)")
+        if _digest(record) != record.get("hash"):
+            return count, Broken(*where, "the record was changed after it was written")
+        if previous is None and record.get("prev") != GENESIS and record.get("event") != "rotate":
+            return count, Broken(
+                *where,
+                "the trail does not start at a file boundary (its first records were removed)",
+            )
+        if previous is not None and record.get("prev") != previous:
+            return count, Broken(
+                *where, "the chain is broken before this record (a record was removed or inserted)"
+            )
+        previous = record["hash"]
+        count += 1
+    return count, None
+
+
+def search(folder: Path, *, message_id: str | None = None, queue_id: str | None = None,
+           address: str | None = None, since: dt.datetime | None = None,
+           until: dt.datetime | None = None) -> Iterator[dict[str, Any]]:
+    """Records about one message or address, oldest first (queue ids of its DSNs included)."""
+    queue_ids: set[str] = {queue_id} if queue_id else set()
+    wanted_address = address.lower() if address else None
+    for record in read_records(_files(folder)):
+        when = dt.datetime.fromisoformat(record["time"]) if "time" in record else None
+        if since and when and when < since:
+            continue
+        if until and when and when > until:
+            continue
+        matched = True
+        if message_id is not None:
+            matched = record.get("message_id") == message_id or record.get("queue_id") in queue_ids
+            if matched and record.get("queue_id"):
+                queue_ids.add(record["queue_id"])
+        if queue_id is not None:
+            matched = matched and (
+                record.get("queue_id") in queue_ids or record.get("dsn_queue_id") in queue_ids
+            )
+        if wanted_address is not None:
+            text = json.dumps(
+                [record.get(k) for k in ("sender", "recipients", "recipient")]
+            ).lower()
+            matched = matched and wanted_address in text
+        if matched:
+            yield record

@@ -1,0 +1,181 @@
+"""`gateway serve`: one task group owns the listeners, the queue manager and the metrics endpoint.
+
+SIGTERM drains: stop accepting, let SMTP sessions and deliveries in progress finish (bounded),
+keep everything else in the spool. SIGHUP reloads routing.yaml and its files, applied only if
+they check clean; sessions and deliveries in progress finish under the configuration they began
+with, because each one holds the `Runtime` it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import signal
+import ssl
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from gateway.audit import AuditTrail
+from gateway.config import Listener
+from gateway.delivery import SmtpTransport, Transport, make_client_tls_context
+from gateway.events import Events
+from gateway.http import MetricsServer
+from gateway.inbound import Inbound
+from gateway.qmgr import QueueManager
+from gateway.runtime import ConfigurationRefused, Runtime
+from gateway.spool import Spool
+from gateway.tls import server_context
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("gateway.server")
+
+
+class Gateway:
+    """The running relay. `start()` then `wait()`; `stop()` drains."""
+
+    def __init__(self, config_path: Path, *, transport: Transport | None = None,
+                 events: Events | None = None) -> None:
+        self.config_path = config_path
+        self._runtime = Runtime.load(config_path)
+        config = self._runtime.config
+        key = None
+        if config.gateway.spool.encryption_key is not None:
+            key = config.gateway.spool.encryption_key.read_bytes()
+        self.spool = Spool(config.gateway.spool.path, key)
+        self.audit = AuditTrail(config.gateway.audit.path, config.gateway.audit.retention)
+        self.events = events or Events(audit=self.audit)
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="crypto")
+        self.transport = transport or self._make_transport()
+        self.qmgr = QueueManager(self.spool, self.runtime, self.transport, self.executor,
+                                 events=self.events)
+        self.inbound = Inbound(self.runtime, self.spool, self.qmgr.accepted, events=self.events)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+        self._metrics_server: MetricsServer | None = None
+
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    def _make_transport(self) -> Transport:
+        runtime = self._runtime
+        config = runtime.config
+        tls = config.gateway.tls
+        context = make_client_tls_context(
+            runtime.trust.anchors,
+            tls.certificate if tls else None,
+            tls.key if tls else None,
+        )
+        return SmtpTransport(config.gateway.hostname, context)
+
+    def _server_tls(self, listener: Listener) -> ssl.SSLContext | None:
+        tls = self._runtime.config.gateway.tls
+        if listener.tls == "none" or tls is None:
+            return None
+        return server_context(tls.certificate, tls.key, self._runtime.trust.anchors,
+                              listener.client_certificate)
+
+    async def start(self) -> None:
+        self.audit.open()
+        self.events.lifecycle("start", config=str(self.config_path))
+        self.spool.open()
+        recovered = self.qmgr.recover()
+        if recovered:
+            log.info("recovered %d message(s) from the spool", recovered)
+        config = self._runtime.config
+        await self.inbound.start(config.gateway.listen, self._server_tls,
+                                 config.gateway.max_message_size, config.gateway.hostname)
+        self._tasks.append(asyncio.create_task(self.qmgr.run()))
+        self._update_gauges()
+        if config.gateway.metrics is not None:
+            self._metrics_server = MetricsServer(self.events.metrics.registry, self.health)
+            await self._metrics_server.start(config.gateway.metrics.address,
+                                             config.gateway.metrics.port)
+        log.info("listening on %s", ", ".join(
+            f"{listener.address}:{port}" for listener, port
+            in zip(config.gateway.listen, self.inbound.ports(), strict=False)
+        ))
+
+    def reload(self) -> bool:
+        """Apply routing.yaml again if it checks clean; keep the old one otherwise."""
+        try:
+            runtime = Runtime.load(self.config_path, dt.datetime.now(dt.UTC))
+        except ConfigurationRefused as error:
+            log.error("reload refused, keeping the running configuration:\n%s", error)
+            self.events.lifecycle("reload_refused", errors=str(error).count("\n") + 1)
+            return False
+        except Exception as error:
+            log.error("reload failed, keeping the running configuration: %s", error)
+            return False
+        self._runtime = runtime
+        self._update_gauges()
+        self.events.lifecycle("reload", config=str(self.config_path))
+        return True
+
+    def health(self) -> tuple[bool, str]:
+        """Ready only when the listeners are bound, the spool is writable and keys are loaded."""
+        if not self.inbound.servers:
+            return False, "listeners are not bound"
+        if not os.access(self.spool.root / "active", os.W_OK):
+            return False, "the spool is not writable"
+        runtime = self._runtime
+        for network in runtime.config.networks.values():
+            if network.identity and network.identity not in runtime.keyring.identities:
+                return False, f"identity {network.identity} is not loaded"
+        return True, "ready"
+
+    def _update_gauges(self) -> None:
+        metrics = self.events.metrics
+        for name, identity in self._runtime.keyring.identities.items():
+            if identity.certificate is not None:
+                expiry = identity.certificate.not_valid_after_utc.timestamp()
+                metrics.certificate_expiry.labels(name).set(expiry)
+        for index, crl in enumerate(self._runtime.trust.crls):
+            if crl.next_update_utc is not None:
+                label = crl.issuer.rfc4514_string() or str(index)
+                metrics.crl_next_update.labels(label).set(crl.next_update_utc.timestamp())
+        counts: dict[str, int] = {}
+        for entry in self.spool.entries():
+            counts[entry.location] = counts.get(entry.location, 0) + 1
+        for state in ("active", "deferred", "hold", "corrupt"):
+            metrics.queue.labels(state).set(counts.get(state, 0))
+
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.stop()))
+        loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(self.stop()))
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    async def stop(self, grace: float = 30.0) -> None:
+        if self._stopped.is_set():
+            return
+        log.info("draining: no new connections, finishing sessions and deliveries")
+        await self.inbound.stop(grace)
+        await self.qmgr.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        close = getattr(self.transport, "close", None)
+        if close is not None:
+            await close()
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.events.lifecycle("stop")
+        self.audit.close()
+        self._stopped.set()
+        log.info("stopped; the spool keeps what was not delivered")
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config_path: Path) -> None:
+    gateway = Gateway(config_path)
+    await gateway.start()
+    gateway.install_signals()
+    await gateway.wait()

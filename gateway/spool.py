@@ -1,0 +1,861 @@
+"""The spool: where an accepted message waits, durably, until every recipient is final.
+
+The one promise this module keeps: `enqueue` returns only once the message and its envelope are
+on stable storage, so the 250 that follows survives a kill -9 or a power cut; on restart,
+`recover` hands back everything that got one.
+
+Layout (Postfix's queue, whose folders mean something)::
+
+    <root>/incoming/   files being written; whatever is left here at start never got a 250
+    <root>/active/     accepted messages that are due or being delivered
+    <root>/deferred/   messages waiting for a retry
+    <root>/hold/       messages an operator put on hold (`gateway queue hold`)
+    <root>/corrupt/    unreadable messages, with a `<id>.why` note; never deleted automatically
+    <root>/state/      each message's delivery state, `<id>.state`
+
+A message is one write-once queue file `<id>` (envelope + message bytes) in exactly one of
+active/, deferred/, hold/ or corrupt/: moving a message is one rename(2), atomic even across a
+crash, so it is always in one place whatever the server and the operator's tools do at once.
+Its mutable part, the per-recipient `DeliveryState`, is rewritten atomically (write a temporary
+file in incoming/, fsync, rename over `state/<id>.state`, fsync state/). It lives in a folder of
+its own rather than beside the queue file because a move would otherwise take two renames, and
+a state rewrite racing an operator's `hold` could land in the folder the message just left.
+
+Enqueue, and why it is safe (POSIX: rename(2) is atomic; a new directory entry is durable only
+once the directory itself is fsync'ed, as Linux ext4/XFS document and Postfix assumes):
+
+1. write incoming/<id> and incoming/<id>.state (O_EXCL, 0600), fsync both;
+2. rename the state into state/, then the queue file into active/;
+3. fsync active/; only now does `enqueue` return, and the caller answers 250.
+
+A crash before 3 leaves either a file in incoming/ (deleted at start: the message never got a
+250) or a queue file in active/ whose peer may send it again (at worst a duplicate, never a
+loss). state/ is not fsync'ed at enqueue: if the initial state's rename is lost, recovery
+rebuilds exactly that initial state from the envelope.
+
+Group commit: the directory fsync is shared. Each enqueue takes a ticket once its rename is
+done; one fsync of active/ at a time runs, and it releases every ticket taken before it started
+(those renames were complete, so the fsync covers them). Enqueues that arrive while it runs wait
+for the next one, which covers them all. File fsyncs are not serialised: each runs in its own
+worker thread so the filesystem journal can commit many in one transaction. `stats.dir_fsyncs`
+counts directory fsyncs (all of them: state rewrites and removals fsync theirs too),
+`stats.published` renames into active/, `stats.enqueued` messages made durable; during a burst of
+enqueues, published / dir_fsyncs is the mean group size.
+
+File format (the queue file and the state file alike)::
+
+    magic (4: b"PSQF" queue, b"PSST" state) | version (1) | mode (1: 0 plain, 1 AES-256-GCM)
+    then records: length (8, big endian) | body
+    plain body:     payload | CRC-32 of payload (4)
+    encrypted body: nonce (12, random per write) | AES-256-GCM ciphertext and tag
+
+A queue file holds two records, the envelope (JSON) then the message; a state file one, the
+state (JSON). Length framing detects truncation; the CRC, or the GCM tag, detects damage. With a
+spool key (DESIGN §10: 32 random bytes), no plaintext reaches the disk: every record is sealed,
+and its associated data (header, kind, queue id) binds it to its file, so swapping files or
+records between messages fails authentication. A plain file in an encrypted spool, or the
+reverse, is refused, not guessed at: drain the queue before adding or changing the key.
+
+Other processes (`gateway queue hold|release|retry|delete`) act with the same renames and atomic
+writes. The server notices by calling `locate` before each attempt (held, deleted and quarantined
+messages are skipped); `retry` rewrites next_attempt=0 in the state; `write_state` renames a queue
+file only from where it found it, so it never brings back a message moved or deleted meanwhile.
+Two writers of one state file at the same moment: the last rename wins (an operator's retry may
+be overwritten by the attempt that was in flight, which then reschedules it anyway).
+
+Assumptions: the whole spool is on one local POSIX filesystem (renames between its folders);
+its owner is the only user with access (folders are created 0700, files 0600).
+
+Untrusted input: the spool's files are parsed defensively (lengths checked against the file
+size before anything is allocated); anything unreadable goes to corrupt/ with a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import errno
+import functools
+import logging
+import os
+import re
+import secrets
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal, TypeVar
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from gateway.envelope import DeliveryState, Envelope, Status
+from gateway.errors import Reason, TemporaryFailure
+
+__all__ = [
+    "LOCATIONS",
+    "CorruptQueueFile",
+    "Location",
+    "NoSuchMessage",
+    "Operation",
+    "QueueEntry",
+    "Spool",
+    "SpoolError",
+    "SpoolFaults",
+    "SpoolStats",
+]
+
+log = logging.getLogger("gateway.spool")
+
+Location = Literal["active", "deferred", "hold", "corrupt"]
+LOCATIONS: tuple[Location, ...] = ("active", "deferred", "hold", "corrupt")
+INCOMING = "incoming"
+STATE = "state"
+
+QUEUE_MAGIC = b"PSQF"
+STATE_MAGIC = b"PSST"
+FORMAT_VERSION = 1
+MODE_PLAIN = 0
+MODE_AESGCM = 1
+_HEADER = struct.Struct(">4sBB")
+_LENGTH = struct.Struct(">Q")
+_CRC = struct.Struct(">I")
+_NONCE = 12
+_TAG = 16
+
+# Crockford's base32: digits sort before letters in ASCII, so ids sort by creation time.
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_QUEUE_ID = re.compile(r"[0-9A-Z]{12,32}")
+_id_lock = threading.Lock()
+_last_micros = 0
+
+T = TypeVar("T")
+
+
+# -- public types --------------------------------------------------------------------------------
+
+
+class SpoolError(Exception):
+    """Base of the spool's own errors (storage failures at enqueue are `TemporaryFailure`)."""
+
+
+class CorruptQueueFile(SpoolError):
+    """A queue or state file cannot be read back; the caller moves it aside with `quarantine`."""
+
+    def __init__(self, queue_id: str, why: str) -> None:
+        super().__init__(f"{queue_id}: {why}")
+        self.queue_id = queue_id
+        self.why = why
+
+
+class NoSuchMessage(SpoolError, LookupError):
+    """No message with this queue id is in the spool (maybe finished or deleted meanwhile)."""
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    queue_id: str
+    location: Location
+    envelope: Envelope | None  # None when the file is unreadable (always in corrupt/)
+    state: DeliveryState | None  # None when the file is unreadable
+
+
+@dataclass
+class SpoolStats:
+    """Counters for metrics and benchmarks; updated from several threads, hence the lock."""
+
+    enqueued: int = 0
+    enqueue_failures: int = 0
+    published: int = 0  # renamed into active/ (each then waits for a shared directory fsync)
+    file_fsyncs: int = 0
+    dir_fsyncs: int = 0
+    quarantined: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, counter: str, amount: int = 1) -> None:
+        with self._lock:
+            setattr(self, counter, getattr(self, counter) + amount)
+
+
+Operation = Literal["write", "fsync", "rename", "fsync_dir"]
+
+
+@dataclass(frozen=True)
+class SpoolFaults:
+    """Test seam: `hook(operation, path)` runs before every write, fsync and rename the spool
+    makes, and may raise OSError (ENOSPC, EIO...) to simulate a full or failing disk."""
+
+    hook: Callable[[Operation, Path], None] | None = None
+
+    @staticmethod
+    def failing(
+        code: int = errno.ENOSPC, operations: Iterable[Operation] = ("write",)
+    ) -> SpoolFaults:
+        wanted = frozenset(operations)
+
+        def hook(operation: Operation, path: Path) -> None:
+            if operation in wanted:
+                raise OSError(code, os.strerror(code), str(path))
+
+        return SpoolFaults(hook)
+
+    def __call__(self, operation: Operation, path: Path) -> None:
+        if self.hook is not None:
+            self.hook(operation, path)
+
+
+# -- file format ---------------------------------------------------------------------------------
+
+
+class _Unreadable(Exception):
+    """Internal: why a file cannot be read; becomes CorruptQueueFile or a move to corrupt/."""
+
+
+class _Codec:
+    """Seals and opens records; one opaque reason outward when authentication fails."""
+
+    def __init__(self, key: bytes | None) -> None:
+        if key is not None and len(key) != 32:
+            raise ValueError(
+                f"the spool encryption key must be exactly 32 bytes, not {len(key)}; "
+                "make one with: head -c 32 /dev/urandom > spool.key"
+            )
+        self.aead = AESGCM(key) if key is not None else None
+        self.mode = MODE_AESGCM if key is not None else MODE_PLAIN
+
+    def header(self, magic: bytes) -> bytes:
+        return _HEADER.pack(magic, FORMAT_VERSION, self.mode)
+
+    @staticmethod
+    def aad(header: bytes, kind: str, queue_id: str) -> bytes:
+        return b"%s%s:%s" % (header, kind.encode(), queue_id.encode())
+
+    def seal(self, payload: bytes, aad: bytes) -> list[bytes]:
+        """The record's pieces, to write with writev (no copy of a large payload when plain)."""
+        if self.aead is None:
+            return [_LENGTH.pack(len(payload) + _CRC.size), payload,
+                    _CRC.pack(zlib.crc32(payload))]
+        nonce = os.urandom(_NONCE)
+        sealed = self.aead.encrypt(nonce, payload, aad)
+        return [_LENGTH.pack(_NONCE + len(sealed)), nonce, sealed]
+
+    def check_header(self, data: bytes, magic: bytes) -> bytes:
+        if len(data) < _HEADER.size:
+            raise _Unreadable("truncated: the header is incomplete")
+        found, version, mode = _HEADER.unpack(data)
+        if found != magic:
+            raise _Unreadable("not a spool file of this kind (bad magic)")
+        if version != FORMAT_VERSION:
+            raise _Unreadable(f"format version {version} is not known to this gateway")
+        if mode != self.mode:
+            raise _Unreadable(
+                "the file is encrypted but no spool key is configured" if mode == MODE_AESGCM
+                else "the file is not encrypted but a spool key is configured"
+            )
+        return data
+
+    def read(self, f: IO[bytes], remaining: int, aad: bytes, what: str) -> bytes:
+        length = self._length(f, remaining, what)
+        if self.aead is None:
+            if length < _CRC.size:
+                raise _Unreadable(f"{what}: record too short")
+            payload = _read_exact(f, length - _CRC.size, what)
+            (crc,) = _CRC.unpack(_read_exact(f, _CRC.size, what))
+            if zlib.crc32(payload) != crc:
+                raise _Unreadable(f"{what}: checksum mismatch (damaged file)")
+            return payload
+        if length < _NONCE + _TAG:
+            raise _Unreadable(f"{what}: record too short")
+        nonce = _read_exact(f, _NONCE, what)
+        sealed = _read_exact(f, length - _NONCE, what)
+        try:
+            return self.aead.decrypt(nonce, sealed, aad)
+        except InvalidTag:
+            raise _Unreadable(
+                f"{what}: authentication failed (wrong spool key, or the file was altered "
+                "or swapped)"
+            ) from None
+
+    def skip(self, f: IO[bytes], remaining: int, what: str) -> int:
+        """Check a record's framing without reading it; returns the bytes it takes."""
+        length = self._length(f, remaining, what)
+        f.seek(length, os.SEEK_CUR)
+        return _LENGTH.size + length
+
+    @staticmethod
+    def _length(f: IO[bytes], remaining: int, what: str) -> int:
+        length: int = _LENGTH.unpack(_read_exact(f, _LENGTH.size, what))[0]
+        # Checked against the file size before reading, so a damaged length never makes us
+        # allocate gigabytes.
+        if length > remaining - _LENGTH.size:
+            raise _Unreadable(f"truncated: the {what} record is incomplete")
+        return length
+
+
+def _read_exact(f: IO[bytes], size: int, what: str) -> bytes:
+    data = f.read(size)
+    if len(data) != size:
+        raise _Unreadable(f"truncated: the {what} record is incomplete")
+    return data
+
+
+def _parse_envelope(data: bytes, queue_id: str) -> Envelope:
+    try:
+        envelope = Envelope.from_json(data)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # The exception's type only: its text could quote content of the file.
+        raise _Unreadable(f"the envelope is not valid ({type(exc).__name__})") from None
+    if envelope.queue_id != queue_id:
+        raise _Unreadable(f"the envelope belongs to queue id {envelope.queue_id!r}")
+    return envelope
+
+
+def _parse_state(data: bytes) -> DeliveryState:
+    try:
+        return DeliveryState.from_json(data)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise _Unreadable(f"the delivery state is not valid ({type(exc).__name__})") from None
+
+
+def _write_all(fd: int, pieces: Sequence[bytes]) -> None:
+    views = [memoryview(p) for p in pieces if len(p)]
+    while views:
+        written = os.writev(fd, views)
+        while written:
+            if written >= len(views[0]):
+                written -= len(views.pop(0))
+            else:
+                views[0] = views[0][written:]
+                written = 0
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _micros_to_id(micros: int) -> str:
+    chars = []
+    for _ in range(11):  # 55 bits of microseconds: good until the year 3111
+        chars.append(_ALPHABET[micros & 31])
+        micros >>= 5
+    return "".join(reversed(chars))
+
+
+# -- group commit --------------------------------------------------------------------------------
+
+
+class _GroupSync:
+    """Shares one directory fsync among every enqueue whose rename finished before it began."""
+
+    def __init__(self, run: Callable[[], asyncio.Future[None]]) -> None:
+        self._run = run
+        self._arrivals = 0  # tickets handed out: renames known to be complete
+        self._durable = 0  # every ticket up to this one is covered by a finished fsync
+        self._flush: asyncio.Future[tuple[int, OSError | None]] | None = None
+
+    async def sync(self) -> None:
+        self._arrivals += 1
+        ticket = self._arrivals
+        while self._durable < ticket:
+            if self._flush is None:
+                self._flush = asyncio.ensure_future(self._one_fsync())
+            # shield: a session that goes away must not cancel the fsync others wait for.
+            covered, error = await asyncio.shield(self._flush)
+            if covered >= ticket and error is not None:
+                raise error
+
+    async def _one_fsync(self) -> tuple[int, OSError | None]:
+        covered = self._arrivals  # read before the fsync starts: these renames are complete
+        try:
+            await self._run()
+            self._durable = max(self._durable, covered)
+            return covered, None
+        except OSError as error:
+            return covered, error
+        finally:
+            self._flush = None
+
+
+# -- the spool -----------------------------------------------------------------------------------
+
+
+class Spool:
+    def __init__(
+        self,
+        root: Path,
+        encryption_key: bytes | None = None,
+        *,
+        faults: SpoolFaults | None = None,
+        clock: Callable[[], float] = time.time,
+        workers: int = 32,
+    ) -> None:
+        self.root = Path(root)
+        self.stats = SpoolStats()
+        self._codec = _Codec(encryption_key)
+        self._faults = faults or SpoolFaults()
+        self._clock = clock
+        self._workers = workers
+        self._executor: ThreadPoolExecutor | None = None
+        self._active_sync = _GroupSync(functools.partial(self._in_thread, self._fsync_dir,
+                                                         self.root / "active"))
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the folders (0700) if they are missing."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for name in (INCOMING, *LOCATIONS, STATE):
+            (self.root / name).mkdir(mode=0o700, exist_ok=True)
+        self._fsync_dir(self.root)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    @staticmethod
+    def new_queue_id() -> str:
+        """17 characters: 11 of microseconds (strictly increasing in this process), 6 random
+        (unique across processes); uppercase base32, sortable, safe as a file name."""
+        global _last_micros
+        with _id_lock:
+            _last_micros = max(time.time_ns() // 1000, _last_micros + 1)
+            micros = _last_micros
+        suffix = "".join(_ALPHABET[secrets.randbelow(32)] for _ in range(6))
+        return _micros_to_id(micros) + suffix
+
+    # -- enqueue (the hot path) ----------------------------------------------------------------
+
+    async def enqueue(self, envelope: Envelope, message: bytes) -> None:
+        """Make the message durable; when this returns, a 250 may be sent."""
+        queue_id = envelope.queue_id
+        if not _QUEUE_ID.fullmatch(queue_id):
+            raise ValueError(f"invalid queue id {queue_id!r}")
+        work = asyncio.ensure_future(self._enqueue(envelope, message))
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # The session went away: no 250 will be sent. Let the writing threads finish, then
+            # remove the message, or it would sit unscheduled until the next restart.
+            work.add_done_callback(functools.partial(self._abandoned, queue_id))
+            raise
+
+    async def _enqueue(self, envelope: Envelope, message: bytes) -> None:
+        queue_id = envelope.queue_id
+        created: list[Path] = []  # what to remove if this fails; grows as files appear
+        incoming = self.root / INCOMING
+        try:
+            results = await asyncio.gather(
+                self._in_thread(self._write_queue_file, incoming / queue_id, envelope, message,
+                                created),
+                self._in_thread(self._write_file, incoming / f"{queue_id}.state",
+                                self._state_pieces(queue_id, DeliveryState.initial(envelope)),
+                                created),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            await self._in_thread(self._publish, queue_id, created)
+            self.stats.add("published")
+            await self._active_sync.sync()
+        except OSError as exc:
+            self.stats.add("enqueue_failures")
+            await self._in_thread(self._remove, created)
+            raise TemporaryFailure(
+                "Requested action aborted: local storage problem, try again later",
+                enhanced="4.3.0", smtp_code=451, reason=Reason.SPOOL_UNAVAILABLE,
+                detail=str(exc),
+            ) from exc
+        except BaseException:
+            self._remove(created)
+            raise
+        self.stats.add("enqueued")
+
+    def _write_queue_file(
+        self, path: Path, envelope: Envelope, message: bytes, created: list[Path]
+    ) -> None:
+        header = self._codec.header(QUEUE_MAGIC)
+        aad = functools.partial(self._codec.aad, header, queue_id=envelope.queue_id)
+        pieces = [header, *self._codec.seal(envelope.to_json(), aad("envelope")),
+                  *self._codec.seal(message, aad("message"))]
+        self._write_file(path, pieces, created)
+
+    def _state_pieces(self, queue_id: str, state: DeliveryState) -> list[bytes]:
+        header = self._codec.header(STATE_MAGIC)
+        return [header, *self._codec.seal(state.to_json(),
+                                          self._codec.aad(header, "state", queue_id))]
+
+    def _write_file(self, path: Path, pieces: Sequence[bytes], created: list[Path]) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        created.append(path)
+        try:
+            self._faults("write", path)
+            _write_all(fd, pieces)
+            self._faults("fsync", path)
+            os.fsync(fd)
+            self.stats.add("file_fsyncs")
+        finally:
+            os.close(fd)
+
+    def _publish(self, queue_id: str, created: list[Path]) -> None:
+        # Ids are unique by construction; this check keeps a collision from replacing another
+        # message (rename(2) would overwrite it silently).
+        if self.locate(queue_id) is not None:
+            raise OSError(errno.EEXIST, "queue id already in the spool", queue_id)
+        # The state first: once the queue file is visible, its state is already in state/.
+        for source, target in (
+            (self.root / INCOMING / f"{queue_id}.state", self.root / STATE / f"{queue_id}.state"),
+            (self.root / INCOMING / queue_id, self.root / "active" / queue_id),
+        ):
+            self._faults("rename", target)
+            os.rename(source, target)
+            created[created.index(source)] = target
+
+    def _abandoned(self, queue_id: str, work: asyncio.Future[None]) -> None:
+        if not work.cancelled() and work.exception() is None:
+            self._remove([self.root / "active" / queue_id, self.root / STATE / f"{queue_id}.state"])
+
+    @staticmethod
+    def _remove(paths: Iterable[Path]) -> None:
+        for path in paths:
+            try:
+                _unlink(path)
+            except OSError as exc:
+                log.error("could not remove %s after a failed enqueue: %s", path, exc)
+
+    def _in_thread(self, function: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        # A pool of our own: fsyncs of concurrent sessions run side by side (the journal merges
+        # them) and cannot starve the default executor that other stages use.
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="spool")
+        return asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def _fsync_dir(self, path: Path) -> None:
+        self._faults("fsync_dir", path)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.stats.add("dir_fsyncs")
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def locate(self, queue_id: str) -> Location | None:
+        """Which folder holds the message now, or None."""
+        if not _QUEUE_ID.fullmatch(queue_id):
+            return None
+        # Two passes: a message moved between folders while we looked is found on the second.
+        for _ in range(2):
+            for location in LOCATIONS:
+                if os.path.lexists(self.root / location / queue_id):
+                    return location
+        return None
+
+    def load(self, queue_id: str) -> tuple[Envelope, bytes]:
+        """The envelope and message bytes; CorruptQueueFile when they cannot be read back."""
+        _location, envelope, message = self._open_queue_file(queue_id, with_message=True)
+        assert message is not None
+        return envelope, message
+
+    def read_state(self, queue_id: str) -> DeliveryState:
+        try:
+            return self._read_state_file(queue_id)
+        except FileNotFoundError:
+            pass
+        except _Unreadable as exc:
+            raise CorruptQueueFile(queue_id, f"state file: {exc}") from None
+        # No state file: the initial state's rename did not survive a crash.
+        _location, envelope, _ = self._open_queue_file(queue_id, with_message=False)
+        return DeliveryState.initial(envelope)
+
+    def _open_queue_file(
+        self, queue_id: str, *, with_message: bool
+    ) -> tuple[Location, Envelope, bytes | None]:
+        for _ in range(3):
+            location = self.locate(queue_id)
+            if location is None:
+                break
+            if location == "corrupt":
+                raise CorruptQueueFile(queue_id, "the message was moved to corrupt/")
+            try:
+                envelope, message = self._read_queue_file(
+                    self.root / location / queue_id, queue_id, with_message
+                )
+            except FileNotFoundError:
+                continue  # moved by the server or an operator while we looked: look again
+            except _Unreadable as exc:
+                raise CorruptQueueFile(queue_id, str(exc)) from None
+            return location, envelope, message
+        raise NoSuchMessage(f"no message {queue_id} in the spool")
+
+    def _read_queue_file(
+        self, path: Path, queue_id: str, with_message: bool
+    ) -> tuple[Envelope, bytes | None]:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            header = self._codec.check_header(f.read(_HEADER.size), QUEUE_MAGIC)
+            aad = functools.partial(self._codec.aad, header, queue_id=queue_id)
+            envelope = _parse_envelope(
+                self._codec.read(f, size - f.tell(), aad("envelope"), "envelope"), queue_id
+            )
+            message: bytes | None = None
+            if with_message:
+                message = self._codec.read(f, size - f.tell(), aad("message"), "message")
+            else:
+                # Framing only: a truncated file is caught at recovery without decrypting
+                # 25 MiB; damage inside the body is caught by `load`.
+                self._codec.skip(f, size - f.tell(), "message")
+            if f.tell() != size:
+                raise _Unreadable("unexpected bytes after the message record")
+        return envelope, message
+
+    def _read_state_file(self, queue_id: str) -> DeliveryState:
+        with open(self.root / STATE / f"{queue_id}.state", "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            header = self._codec.check_header(f.read(_HEADER.size), STATE_MAGIC)
+            data = self._codec.read(f, size - f.tell(), self._codec.aad(header, "state", queue_id),
+                                    "state")
+            if f.tell() != size:
+                raise _Unreadable("unexpected bytes after the state record")
+        return _parse_state(data)
+
+    def entries(self, locations: Iterable[Location] = LOCATIONS) -> Iterator[QueueEntry]:
+        """Read-only listing for the queue tools; safe while the server runs (a message that
+        moves or leaves during the listing may be skipped, never raises)."""
+        for location in locations:
+            try:
+                names = sorted(os.listdir(self.root / location))
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if not _QUEUE_ID.fullmatch(name):
+                    continue
+                if location == "corrupt":
+                    yield QueueEntry(name, location, None, None)
+                    continue
+                entry = self._entry(location, name)
+                if entry is not None:
+                    yield entry
+
+    def _entry(self, location: Location, queue_id: str) -> QueueEntry | None:
+        try:
+            envelope, _ = self._read_queue_file(self.root / location / queue_id, queue_id, False)
+        except FileNotFoundError:
+            return None
+        except _Unreadable:
+            return QueueEntry(queue_id, location, None, None)
+        try:
+            state: DeliveryState | None = self._read_state_file(queue_id)
+        except FileNotFoundError:
+            state = DeliveryState.initial(envelope)
+        except _Unreadable:
+            state = None
+        return QueueEntry(queue_id, location, envelope, state)
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    def recover(self) -> list[QueueEntry]:
+        """At start: clear incoming/, check every active and deferred message, move the
+        unreadable ones to corrupt/, and return the rest for scheduling. Never raises for a
+        bad file."""
+        self.open()
+        incoming = self.root / INCOMING
+        for name in os.listdir(incoming):
+            # A file still in incoming/ was never renamed into active/, and the 250 is sent
+            # only after that rename is fsync'ed: its sender got no 250 and will send again.
+            _unlink(incoming / name)
+        found: list[QueueEntry] = []
+        for location in ("active", "deferred"):
+            for name in sorted(os.listdir(self.root / location)):
+                if not _QUEUE_ID.fullmatch(name):
+                    log.warning("ignoring %s in the spool: not a queue file name",
+                                self.root / location / name)
+                    continue
+                entry = self._recover_one(location, name)
+                if entry is not None:
+                    found.append(entry)
+        for name in os.listdir(self.root / STATE):
+            # The queue file was finished or deleted and the crash came before its state file
+            # went: the state file is an orphan.
+            queue_id = name.removesuffix(".state")
+            if name.endswith(".state") and self.locate(queue_id) in (None, "corrupt"):
+                _unlink(self.root / STATE / name)
+        return found
+
+    def _recover_one(self, location: Location, queue_id: str) -> QueueEntry | None:
+        try:
+            envelope, _ = self._read_queue_file(self.root / location / queue_id, queue_id, False)
+            try:
+                state = self._read_state_file(queue_id)
+            except FileNotFoundError:
+                state = DeliveryState.initial(envelope)
+            except _Unreadable as exc:
+                raise _Unreadable(f"state file: {exc}") from None
+            if sorted(r.address for r in state.recipients) != sorted(
+                r.address for r in envelope.recipients
+            ):
+                raise _Unreadable("the state file does not list the envelope's recipients")
+        except FileNotFoundError:
+            return None
+        except _Unreadable as exc:
+            self.quarantine(queue_id, str(exc))
+            return None
+        except OSError as exc:
+            # An I/O error is not proof of corruption: leave the file where it is.
+            log.error("cannot read %s: %s; it stays in %s/", queue_id, exc, location)
+            return None
+        return QueueEntry(queue_id, location, envelope, state)
+
+    # -- changes (server and operator tools) ---------------------------------------------------
+
+    def write_state(self, queue_id: str, state: DeliveryState) -> Location | None:
+        """Replace the delivery state atomically, then file the message by it: active/ if some
+        unfinished recipient is pending or due now, deferred/ if all wait for a retry (a held
+        message stays in hold/; a finished one stays put until `finish`). Returns where the
+        message is, or None if it is gone (nothing is written then)."""
+        location = self.locate(queue_id)
+        if location is None or location == "corrupt":
+            return None
+        self._replace_state(queue_id, state)
+        if self.locate(queue_id) in (None, "corrupt"):
+            # Deleted or quarantined while we wrote: leave no state file without its message.
+            _unlink(self.root / STATE / f"{queue_id}.state")
+            return None
+        if location in ("active", "deferred") and not state.done:
+            target = self._filing(state)
+            if target != location:
+                # Renamed from where we found it: if an operator held or deleted it meanwhile,
+                # the rename fails and nothing is brought back. No directory fsync: a move
+                # between active/ and deferred/ lost in a crash leaves the message in the other
+                # one, which recovery scans too.
+                try:
+                    os.rename(self.root / location / queue_id, self.root / target / queue_id)
+                    location = target
+                except FileNotFoundError:
+                    return self.locate(queue_id)
+        return location
+
+    def _filing(self, state: DeliveryState) -> Location:
+        now = self._clock()
+        for r in state.recipients:
+            if not r.status.final and (r.status is Status.PENDING or r.next_attempt <= now):
+                return "active"
+        return "deferred"
+
+    def _replace_state(self, queue_id: str, state: DeliveryState) -> None:
+        temporary = self.root / INCOMING / f"{queue_id}.state.{secrets.token_hex(4)}.tmp"
+        created: list[Path] = []
+        try:
+            self._write_file(temporary, self._state_pieces(queue_id, state), created)
+            self._faults("rename", temporary)
+            os.rename(temporary, self.root / STATE / f"{queue_id}.state")
+        except BaseException:
+            self._remove(created)
+            raise
+        self._fsync_dir(self.root / STATE)
+
+    def finish(self, queue_id: str) -> None:
+        """Every recipient is final: remove the message. Idempotent."""
+        # The queue file first: a crash before the state file goes leaves an orphan that
+        # recovery removes, never a message without its state (which would be sent again).
+        removed = self._unlink_queue_file(queue_id, ("active", "deferred", "hold"))
+        _unlink(self.root / STATE / f"{queue_id}.state")
+        if removed is not None:
+            # Durable removal: otherwise a crash could deliver the message a second time.
+            self._fsync_dir(self.root / removed)
+            self._fsync_dir(self.root / STATE)
+
+    def quarantine(self, queue_id: str, why: str) -> None:
+        """Move an unreadable message to corrupt/ with a `.why` note; it is never deleted
+        automatically."""
+        location = self.locate(queue_id)
+        if location is None or location == "corrupt":
+            return
+        corrupt = self.root / "corrupt"
+        corrupt.mkdir(mode=0o700, exist_ok=True)
+        try:
+            os.rename(self.root / location / queue_id, corrupt / queue_id)
+        except FileNotFoundError:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.root / STATE / f"{queue_id}.state", corrupt / f"{queue_id}.state")
+        stamp = dt.datetime.fromtimestamp(self._clock(), dt.UTC).isoformat(timespec="seconds")
+        note = f"{stamp} moved from {location}/: {why}\n".encode()
+        fd = os.open(corrupt / f"{queue_id}.why", os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                     | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, [note])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._fsync_dir(corrupt)
+        self.stats.add("quarantined")
+        log.error("queue file %s moved to corrupt/: %s", queue_id, why)
+
+    def hold(self, queue_id: str) -> None:
+        """Put the message on hold: the server stops trying it until `release`."""
+        self._move(queue_id, ("active", "deferred"), "hold")
+
+    def release(self, queue_id: str) -> None:
+        """Back from hold to active/, due now for every unfinished recipient."""
+        if self.locate(queue_id) != "hold":
+            raise SpoolError(f"message {queue_id} is not on hold")
+        state = self.read_state(queue_id)
+        now = self._clock()
+        for r in state.recipients:
+            if not r.status.final:
+                state = state.update(r.address, next_attempt=now)
+        # Written while still in hold/, where the server does not touch it.
+        self._replace_state(queue_id, state)
+        self._move(queue_id, ("hold",), "active")
+
+    def delete(self, queue_id: str) -> None:
+        """Remove the message wherever it is, corrupt/ included (an operator's decision)."""
+        removed = self._unlink_queue_file(queue_id, LOCATIONS)
+        if removed is None:
+            raise NoSuchMessage(f"no message {queue_id} in the spool")
+        _unlink(self.root / STATE / f"{queue_id}.state")
+        if removed == "corrupt":
+            _unlink(self.root / "corrupt" / f"{queue_id}.state")
+            _unlink(self.root / "corrupt" / f"{queue_id}.why")
+        self._fsync_dir(self.root / removed)
+        self._fsync_dir(self.root / STATE)
+
+    def _move(self, queue_id: str, sources: tuple[Location, ...], target: Location) -> None:
+        for _ in range(3):
+            location = self.locate(queue_id)
+            if location == target:
+                return
+            if location is None:
+                raise NoSuchMessage(f"no message {queue_id} in the spool")
+            if location not in sources:
+                raise SpoolError(f"message {queue_id} is in {location}/, not in "
+                                 f"{' or '.join(sources)}/")
+            try:
+                os.rename(self.root / location / queue_id, self.root / target / queue_id)
+            except FileNotFoundError:
+                continue  # the server moved it between active/ and deferred/: look again
+            self._fsync_dir(self.root / target)
+            self._fsync_dir(self.root / location)
+            return
+        raise SpoolError(f"message {queue_id} kept moving; try again")
+
+    def _unlink_queue_file(self, queue_id: str, where: Iterable[Location]) -> Location | None:
+        if not _QUEUE_ID.fullmatch(queue_id):
+            return None
+        for _ in range(2):
+            for location in where:
+                if _unlink(self.root / location / queue_id):
+                    return location
+        return None

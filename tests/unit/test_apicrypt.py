@@ -1,0 +1,248 @@
+"""The `apicrypt` adapter: layout, HPRIM byte fidelity, options, both codecs.
+
+The `external` codec runs a stand-in program (written here) with the documented APICEM
+command lines; it "encrypts" by a reversible transform and marks bodies with `$APICRYPT`,
+which is enough to test the layout, the plumbing and the failure paths, never the cipher.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pysequoia
+import pytest
+
+from adapters.apicrypt import ApicryptAdapter
+from adapters.base import (
+    Directory,
+    Identity,
+    TrustStore,
+    UnwrapContext,
+    Unwrapped,
+    Verdict,
+    WrapContext,
+)
+from adapters.cms.entity import decode_body, multipart_parts, parse_entity
+from adapters.pgpkeys import generate_identity
+from gateway.errors import PermanentFailure, Reason, TemporaryFailure
+
+NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+ADAPTER = ApicryptAdapter()
+LAB = "labo@biologie.apicrypt.org"
+DOCTOR = "dr.martin@medecin.apicrypt.org"
+
+# An HPRIM Santé report: 12-line header, free text, ****LAB**** with RES|/TEX| lines,
+# ****FIN****, two patients, ****FINFICHIER****; ISO-8859-1 accents, bare LF line ends.
+HPRIM = (
+    "123456\nDUPONT\nJean\n12 rue des \xc9coles\n\n75001 PARIS\n01/02/1960\n"
+    "1234567890123\nDOSS42\n23/11/2026\nLABO BIOLOGIE\nDr MARTIN\n"
+    "Compte rendu d'analyses, r\xe9sultats valid\xe9s.\n"
+    "****LAB****\nTEX|Num\xe9ration formule sanguine\n"
+    "RES|H\xe9moglobine|HB|N|13.5|g/dl|12|16|N||F|\nRES|Glyc\xe9mie|GLY|N|5.2|mmol/l|4.1|6.1|N||F|\n"
+    "****FIN****\n"
+    "654321\nDURAND\nMarie\n\n\n69000 LYON\n02/03/1970\n\nDOSS43\n23/11/2026\nLABO\nDr MARTIN\n"
+    "****LAB****\nRES|Cr\xe9atinine|CREA|N|80|\xb5mol/l|45|90|N||F|\n****FIN****\n"
+    "****FINFICHIER****\n"
+).encode("latin-1")
+PDF = b"%PDF-1.4\n\x00\xff\xfe binary attachment" * 10
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, bytes]:
+    gateway = generate_identity("Passerelle <gw@passerelle.test>", created=NOW)
+    doctor = generate_identity(f"Dr Martin <{DOCTOR}>", created=NOW)
+    return {
+        "gateway": gateway,
+        "doctor": doctor,
+        "gateway_pub": str(pysequoia.Tsk.from_bytes(gateway).extract_certificate()).encode(),
+        "doctor_pub": str(pysequoia.Tsk.from_bytes(doctor).extract_certificate()).encode(),
+    }
+
+
+def hospital_message(text: bytes, charset: str = "iso-8859-1") -> bytes:
+    return (
+        b"From: <secretariat@chu.test>\r\nTo: <" + DOCTOR.encode() + b">\r\n"
+        b"Subject: Resultats DUPONT\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="M"\r\n\r\n'
+        b"--M\r\nContent-Type: text/plain; charset=" + charset.encode() + b"\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n"
+        + __import__("base64").encodebytes(text) + b"\r\n"
+        b"--M\r\nContent-Type: application/pdf; name=cr.pdf\r\n"
+        b"Content-Disposition: attachment; filename=cr.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + __import__("base64").encodebytes(PDF) + b"\r\n--M--\r\n"
+    )
+
+
+def leaves(raw: bytes) -> list[tuple[str | None, bytes]]:
+    entity = parse_entity(raw)
+    media_type, params = entity.content_type()
+    if media_type.startswith("multipart/"):
+        _, parts, _ = multipart_parts(entity.body, params["boundary"])
+        return [leaf for part in parts for leaf in leaves(part)]
+    disposition = entity.get("content-disposition") or ""
+    name = disposition.split('filename="')[1].rstrip('"') if 'filename="' in disposition else None
+    return [(name, decode_body(entity))]
+
+
+def test_option_problems() -> None:
+    assert ADAPTER.option_problems({"codec": "openpgp", "version": 1}) == []
+    problems = ADAPTER.option_problems({"codec": "rot13", "version": 3, "colour": "x",
+                                        "timeout": -1})
+    assert len(problems) == 4
+    external = ADAPTER.option_problems({"codec": "external", "programs": {"apicrypt": "/x"}})
+    assert any("apiuncrypt" in p for p in external)
+    assert any("'user'" in p for p in external) and any("key_directory" in p for p in external)
+    assert any("not an APICEM" in p for p in ADAPTER.option_problems(
+        {"programs": {"decrypt": "/x"}}))
+
+
+def test_openpgp_codec_round_trip_hprim_v1(keys: dict[str, bytes]) -> None:
+    wrap_context = WrapContext(
+        "apicrypt", Identity("gw", openpgp_secret=keys["gateway"]), TrustStore(),
+        Directory(openpgp=(keys["doctor_pub"],)), NOW, "secretariat@chu.test",
+        (DOCTOR, "unknown@apicrypt.org"), options={"codec": "openpgp", "version": 1},
+    )
+    wrapped = ADAPTER.wrap(Unwrapped(hospital_message(HPRIM), Verdict.unsigned(), "mime"),
+                           wrap_context)
+    assert wrapped.refused["unknown@apicrypt.org"].reason == Reason.NO_RECIPIENT_KEY
+    assert b"Subject: Resultats DUPONT" in wrapped.content  # subject in clear
+    assert b"DUPONT\n" not in wrapped.content and b"%PDF" not in wrapped.content
+    names = [name for name, _ in leaves(wrapped.content)]
+    assert names == [None, "cr.pdf.apz"]
+
+    # The doctor's side (same layout, the doctor's key) gets the original bytes back.
+    unwrap_context = UnwrapContext(
+        "apicrypt", Identity("doctor", openpgp_secret=keys["doctor"]), TrustStore(),
+        Directory(openpgp=(keys["gateway_pub"],)), NOW, options={"version": 1},
+    )
+    relabelled = wrapped.content.replace(b"<secretariat@chu.test>", b"<gw@passerelle.test>")
+    unwrapped = ADAPTER.unwrap(relabelled, unwrap_context)
+    assert unwrapped.encrypted
+    assert unwrapped.signature.result == "pass", unwrapped.signature
+    assert leaves(unwrapped.content) == [(None, HPRIM), ("cr.pdf", PDF)]
+    assert b"charset=iso-8859-1" in unwrapped.content
+
+
+def test_v1_refuses_text_not_representable_in_latin1(keys: dict[str, bytes]) -> None:
+    context = WrapContext(
+        "apicrypt", Identity("gw", openpgp_secret=keys["gateway"]), TrustStore(),
+        Directory(openpgp=(keys["doctor_pub"],)), NOW, "a@chu.test", (DOCTOR,),
+        options={"version": 1},
+    )
+    with pytest.raises(PermanentFailure) as caught:
+        ADAPTER.wrap(Unwrapped(hospital_message("Ω €".encode(), "utf-8"), Verdict.unsigned(),
+                               "mime"), context)
+    assert "version 2" in caught.value.advice
+
+
+def test_v1_marker_needs_external_codec(keys: dict[str, bytes]) -> None:
+    raw = (b"From: <" + LAB.encode() + b">\r\nSubject: x\r\n\r\n$APICRYPT\r\nABCDEF\r\n")
+    context = UnwrapContext("apicrypt", Identity("gw", openpgp_secret=keys["gateway"]),
+                            TrustStore(), Directory(), NOW)
+    with pytest.raises(PermanentFailure) as caught:
+        ADAPTER.unwrap(raw, context)
+    assert caught.value.reason == Reason.DECRYPTION_FAILED
+
+
+# -- external codec with a stand-in program -------------------------------------------------
+
+STAND_IN = '''#!{python}
+"""Stand-in for the APICEM programs: same command line, reversible transform, no cipher."""
+import base64, os, sys, time
+args = sys.argv[1:]
+opts = dict(zip(args[::2], args[1::2]))
+name = os.path.basename(sys.argv[0])
+src, dst = opts["-s"], opts["-o"]
+log = os.environ.get("STAND_IN_LOG") or os.path.join(os.path.dirname(sys.argv[0]), "calls.log")
+with open(log, "a") as handle:
+    handle.write(name + " " + " ".join(args) + "\\n")
+data = open(src, "rb").read()
+if b"FAIL" in data:
+    sys.exit(3)
+if b"SLOW" in data:
+    time.sleep(5)
+if name in ("apicrypt", "apicryptpj"):
+    assert "-u" in opts and "-k" in opts and "-d" in opts
+    out = base64.b64encode(bytes(b ^ 0x5A for b in data))
+    if name == "apicrypt":
+        out = b"$APICRYPT\\r\\n" + out + b"\\r\\n"
+else:
+    assert "-k" in opts
+    body = data.replace(b"$APICRYPT", b"").strip()
+    out = bytes(b ^ 0x5A for b in base64.b64decode(body))
+open(dst, "wb").write(out)
+'''
+
+
+@pytest.fixture
+def programs(tmp_path: Path) -> dict[str, str]:
+    folder = tmp_path / "apicem"
+    folder.mkdir()
+    script = STAND_IN.replace("{python}", sys.executable)
+    paths: dict[str, str] = {}
+    for name in ("apicrypt", "apiuncrypt", "apicryptpj", "apiuncryptpj"):
+        path = folder / name
+        path.write_text(script)
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+        paths[name] = str(path)
+    return paths
+
+
+def external_options(programs: dict[str, str], tmp_path: Path, timeout: float = 10) -> dict[str, object]:
+    return {"codec": "external", "version": 1, "programs": programs, "user": "LABO01",
+            "key_directory": str(tmp_path / "keys"), "timeout": timeout}
+
+
+def test_external_codec_round_trip(programs: dict[str, str], tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    options = external_options(programs, tmp_path)
+    assert ADAPTER.option_problems(options) == []
+    wrapped = ADAPTER.wrap(
+        Unwrapped(hospital_message(HPRIM), Verdict.unsigned(), "mime"),
+        WrapContext("apicrypt", None, TrustStore(), Directory(), NOW, "a@chu.test", (DOCTOR,),
+                    options=options),
+    )
+    assert b"$APICRYPT" in wrapped.content and b"cr.pdf.apz" in wrapped.content
+    calls = (Path(programs["apicrypt"]).parent / "calls.log").read_text().splitlines()
+    assert calls[0].startswith("apicrypt -s ") and f"-u LABO01 -k {tmp_path / 'keys'} -d {DOCTOR}" in calls[0]
+    assert calls[1].startswith("apicryptpj -s ")
+    unwrapped = ADAPTER.unwrap(
+        wrapped.content, UnwrapContext("apicrypt", None, TrustStore(), Directory(), NOW,
+                                       options=options))
+    assert leaves(unwrapped.content) == [(None, HPRIM), ("cr.pdf", PDF)]
+    assert unwrapped.encrypted and unwrapped.signature.result == "neutral"
+    assert list((tmp_path / "tmp").iterdir()) == []  # private directories wiped
+
+
+def test_external_failure_bounces_without_plaintext(programs: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    raw = b"From: <" + LAB.encode() + b">\r\nSubject: x\r\n\r\n$APICRYPT\r\nFAIL\r\n"
+    with pytest.raises(PermanentFailure) as caught:
+        ADAPTER.unwrap(raw, UnwrapContext("apicrypt", None, TrustStore(), Directory(), NOW,
+                                          options=external_options(programs, tmp_path)))
+    assert caught.value.reason == Reason.DECRYPTION_FAILED and caught.value.enhanced == "5.7.5"
+
+
+def test_external_timeout_defers(programs: dict[str, str], tmp_path: Path) -> None:
+    raw = b"From: <" + LAB.encode() + b">\r\nSubject: x\r\n\r\n$APICRYPT\r\nSLOW\r\n"
+    with pytest.raises(TemporaryFailure):
+        ADAPTER.unwrap(raw, UnwrapContext(
+            "apicrypt", None, TrustStore(), Directory(), NOW,
+            options=external_options(programs, tmp_path, timeout=0.5)))
+
+
+def test_external_missing_program_defers(tmp_path: Path) -> None:
+    options = external_options({"apiuncrypt": str(tmp_path / "absent")}, tmp_path)
+    raw = b"From: <" + LAB.encode() + b">\r\nSubject: x\r\n\r\n$APICRYPT\r\nAAAA\r\n"
+    with pytest.raises(TemporaryFailure):
+        ADAPTER.unwrap(raw, UnwrapContext("apicrypt", None, TrustStore(), Directory(), NOW,
+                                          options=options))
+    assert os.path.exists(tmp_path)

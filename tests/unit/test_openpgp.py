@@ -1,0 +1,136 @@
+"""The `openpgp` adapter without an outside peer: keys, failure shapes, never plaintext."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+
+import pysequoia
+import pytest
+
+from adapters import REGISTRY
+from adapters.base import (
+    Directory,
+    Identity,
+    TrustStore,
+    UnwrapContext,
+    Unwrapped,
+    Verdict,
+    WrapContext,
+)
+from adapters.openpgp import OpenPgpAdapter
+from adapters.pgpkeys import generate_identity
+from adapters.pgppackets import read_secret_keys
+from gateway.errors import GatewayError, PermanentFailure, Reason
+
+NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+ADAPTER = OpenPgpAdapter()
+CONTENT = (b"From: <a@chu.test>\r\nTo: <b@pgp.test>\r\nSubject: s\r\n"
+           b"Content-Type: text/plain\r\n\r\nbonjour\r\n")
+
+
+def counter_random() -> object:
+    numbers = itertools.count()
+    return lambda n: bytes((next(numbers) * 7 + i) % 256 for i in range(n))
+
+
+def test_registered() -> None:
+    assert REGISTRY["openpgp"].method == "x-openpgp"
+    assert REGISTRY["apicrypt"].method == "x-apicrypt"
+
+
+def test_generate_identity_is_deterministic_given_time_and_randomness() -> None:
+    first = generate_identity("GW <gw@x.test>", created=NOW, random=counter_random())  # type: ignore[arg-type]
+    second = generate_identity("GW <gw@x.test>", created=NOW, random=counter_random())  # type: ignore[arg-type]
+    assert first == second and first.startswith(b"-----BEGIN PGP PRIVATE KEY BLOCK-----")
+    tsk = pysequoia.Tsk.from_bytes(first)
+    keys = read_secret_keys(bytes(tsk))
+    assert [k.algorithm for k in keys] == [22, 18]  # Ed25519 [SC], Cv25519 [E]
+    assert [str(u) for u in tsk.extract_certificate().user_ids] == ["GW <gw@x.test>"]
+
+
+def test_sequoia_round_trip_with_generated_keys() -> None:
+    gateway = generate_identity("GW <gw@x.test>", created=NOW - timedelta(days=1))
+    peer = generate_identity("Bob <b@pgp.test>", created=NOW - timedelta(days=1))
+    peer_cert = str(pysequoia.Tsk.from_bytes(peer).extract_certificate()).encode()
+    gateway_cert = str(pysequoia.Tsk.from_bytes(gateway).extract_certificate()).encode()
+    wrapped = ADAPTER.wrap(
+        Unwrapped(CONTENT, Verdict.unsigned(), "mime"),
+        WrapContext("pgp", Identity("gw", openpgp_secret=gateway), TrustStore(),
+                    Directory(openpgp=(peer_cert,)), NOW, "a@chu.test", ("b@pgp.test",)),
+    )
+    assert not wrapped.refused and b"bonjour" not in wrapped.content
+    # The signed inner header says a@chu.test: signed by the gateway, so not the From's key.
+    mismatch = ADAPTER.unwrap(
+        wrapped.content,
+        UnwrapContext("pgp", Identity("b", openpgp_secret=peer), TrustStore(),
+                      Directory(openpgp=(gateway_cert,)), NOW),
+    )
+    assert mismatch.signature.failure == Reason.SIGNER_MISMATCH
+    wrapped = ADAPTER.wrap(
+        Unwrapped(CONTENT.replace(b"<a@chu.test>", b"<gw@x.test>"), Verdict.unsigned(), "mime"),
+        WrapContext("pgp", Identity("gw", openpgp_secret=gateway), TrustStore(),
+                    Directory(openpgp=(peer_cert,)), NOW, "a@chu.test", ("b@pgp.test",)),
+    )
+    unwrapped = ADAPTER.unwrap(
+        wrapped.content,
+        UnwrapContext("pgp", Identity("b", openpgp_secret=peer), TrustStore(),
+                      Directory(openpgp=(gateway_cert,)), NOW),
+    )
+    assert unwrapped.encrypted and unwrapped.signature.result == "pass"
+    assert unwrapped.signature.algorithm == "EdDSA/SHA256"
+    assert b"bonjour\r\n" in unwrapped.content
+
+
+@pytest.mark.parametrize("raw", [
+    b"Content-Type: multipart/encrypted; protocol=\"application/pgp-encrypted\"; boundary=x\r\n\r\n--x\r\n\r\nVersion: 1\r\n--x\r\n\r\n-----BEGIN PGP MESSAGE-----\r\n\r\nAAAA\r\n-----END PGP MESSAGE-----\r\n--x--\r\n",
+    b"Content-Type: multipart/encrypted; protocol=\"application/pgp-encrypted\"; boundary=x\r\n\r\nno parts",
+    b"Content-Type: multipart/signed; protocol=\"application/pgp-signature\"; boundary=x\r\n\r\n--x\r\n\r\nhi\r\n--x\r\n\r\n\xff\xfe\r\n--x--\r\n",
+    b"\x00\xff" * 50,
+])
+def test_hostile_input_gives_only_gateway_errors(raw: bytes) -> None:
+    context = UnwrapContext("pgp", Identity("gw", openpgp_secret=generate_identity("g <g@x.test>")),
+                            TrustStore(), Directory(), NOW)
+    try:
+        unwrapped = ADAPTER.unwrap(raw, context)
+    except GatewayError as error:
+        assert error.permanent
+    else:
+        assert not unwrapped.encrypted and unwrapped.signature.result in ("none", "fail")
+
+
+def test_wrap_without_any_key_refuses_every_recipient() -> None:
+    wrapped = ADAPTER.wrap(
+        Unwrapped(CONTENT, Verdict.unsigned(), "mime"),
+        WrapContext("pgp", Identity("gw", openpgp_secret=generate_identity("g <g@x.test>")),
+                    TrustStore(), Directory(), NOW, "a@chu.test", ("b@pgp.test",)),
+    )
+    assert wrapped.content == b""
+    failure = wrapped.refused["b@pgp.test"]
+    assert isinstance(failure, PermanentFailure) and failure.reason == Reason.NO_RECIPIENT_KEY
+
+
+def test_wrap_refuses_expired_certificate() -> None:
+    peer = pysequoia.Tsk.from_bytes(generate_identity("Bob <b@pgp.test>", created=NOW))
+    cert = peer.extract_certificate().set_expiration(NOW + timedelta(days=1),
+                                                      peer.certifier())
+    wrapped = ADAPTER.wrap(
+        Unwrapped(CONTENT, Verdict.unsigned(), "mime"),
+        WrapContext("pgp", Identity("gw", openpgp_secret=generate_identity("g <g@x.test>")),
+                    TrustStore(), Directory(openpgp=(str(cert).encode(),)),
+                    NOW + timedelta(days=2), "a@chu.test", ("b@pgp.test",)),
+    )
+    assert wrapped.content == b"" and "expired" in wrapped.refused["b@pgp.test"].detail
+
+
+def test_no_identity_means_no_wrap() -> None:
+    with pytest.raises(PermanentFailure) as caught:
+        ADAPTER.wrap(Unwrapped(CONTENT, Verdict.unsigned(), "mime"),
+                     WrapContext("pgp", None, TrustStore(), Directory(), NOW, "a@chu.test",
+                                 ("b@pgp.test",)))
+    assert caught.value.reason == Reason.WRAP_FAILED
+
+
+def test_options() -> None:
+    assert ADAPTER.option_problems({}) == []
+    assert ADAPTER.option_problems({"micalg": "md5"})
