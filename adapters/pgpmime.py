@@ -45,6 +45,9 @@ ROUTING_FIELDS = (
     "from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id",
     "in-reply-to", "references",
 )
+# The gateway's trace headers go on the envelope too: an Apicrypt client shows only the outer
+# headers, and the recipient must see what the gateway verified (DESIGN.md §4).
+TRACE_FIELDS = ("received", "authentication-results")
 
 
 def canonical_crlf(data: bytes) -> bytes:
@@ -90,7 +93,7 @@ def outer_fields(head: bytes) -> bytes:
     """The routing header fields of a head, CRLF-terminated, for an envelope."""
     out = b""
     for name, raw in field_blocks(head):
-        if name in ROUTING_FIELDS:
+        if name in ROUTING_FIELDS or name in TRACE_FIELDS:
             out += canonical_crlf(raw.rstrip(b"\r\n")) + b"\r\n"
     return out
 

@@ -158,15 +158,20 @@ class AuditTrail:
 
     async def durable(self) -> None:
         """Wait until every record written so far is on disk; concurrent callers share fsyncs."""
-        while self._sync_task is not None:
+        # Only an unfinished fsync is waited for: awaiting a finished task does not yield to the
+        # event loop, so looping on one that its creator has not cleared yet would spin forever
+        # and freeze the whole server (seen under concurrent sessions).
+        while self._sync_task is not None and not self._sync_task.done():
             await asyncio.shield(self._sync_task)
         if not self._dirty:
             return
-        self._sync_task = asyncio.create_task(asyncio.to_thread(self.sync))
+        task = asyncio.create_task(asyncio.to_thread(self.sync))
+        self._sync_task = task
         try:
-            await asyncio.shield(self._sync_task)
+            await asyncio.shield(task)
         finally:
-            self._sync_task = None
+            if self._sync_task is task:  # a later caller may have started the next one
+                self._sync_task = None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -228,28 +233,37 @@ def verify(folder: Path) -> tuple[int, Broken | None]:
 def search(folder: Path, *, message_id: str | None = None, queue_id: str | None = None,
            address: str | None = None, since: dt.datetime | None = None,
            until: dt.datetime | None = None) -> Iterator[dict[str, Any]]:
-    """Records about one message or address, oldest first (queue ids of its DSNs included)."""
-    queue_ids: set[str] = {queue_id} if queue_id else set()
+    """The records of the messages that match, oldest first, as one timeline per message.
+
+    A message is found by its Message-ID, its queue id, or an address in its envelope; then
+    every record of that queue id is returned (unwrapped, wrapped, delivered... carry only the
+    queue id), together with the records of the DSNs it caused.
+    """
+    records = [r for r in read_records(_files(folder)) if not r.get("_broken")]
     wanted_address = address.lower() if address else None
-    for record in read_records(_files(folder)):
+    queue_ids: set[str] = set()
+    for record in records:
+        if message_id is not None and record.get("message_id") != message_id:
+            continue
+        if queue_id is not None and queue_id not in (record.get("queue_id"),
+                                                     record.get("dsn_queue_id")):
+            continue
+        if wanted_address is not None:
+            envelope = [record.get("sender"), record.get("recipient"),
+                        *(record.get("recipients") or [])]
+            if wanted_address not in {str(a).lower() for a in envelope if a}:
+                continue
+        if record.get("queue_id"):
+            queue_ids.add(record["queue_id"])
+    for record in records:  # DSNs made for those messages belong to their timeline
+        if record.get("queue_id") in queue_ids and record.get("dsn_queue_id"):
+            queue_ids.add(record["dsn_queue_id"])
+    for record in records:
+        if record.get("queue_id") not in queue_ids and record.get("dsn_queue_id") not in queue_ids:
+            continue
         when = dt.datetime.fromisoformat(record["time"]) if "time" in record else None
         if since and when and when < since:
             continue
         if until and when and when > until:
             continue
-        matched = True
-        if message_id is not None:
-            matched = record.get("message_id") == message_id or record.get("queue_id") in queue_ids
-            if matched and record.get("queue_id"):
-                queue_ids.add(record["queue_id"])
-        if queue_id is not None:
-            matched = matched and (
-                record.get("queue_id") in queue_ids or record.get("dsn_queue_id") in queue_ids
-            )
-        if wanted_address is not None:
-            text = json.dumps(
-                [record.get(k) for k in ("sender", "recipients", "recipient")]
-            ).lower()
-            matched = matched and wanted_address in text
-        if matched:
-            yield record
+        yield record

@@ -3,7 +3,8 @@
     run_check(path, now) -> CheckReport
         routing.yaml itself   gateway.config.parse (keys, values, networks, routes...)
         key material          gateway.pki.inspect  (files, key/certificate pairs, CRLs...)
-        MSSanté whitelist     gateway.whitelist    (readable, entries well formed)
+        MSSanté whitelist     gateway.whitelist    (readable, entries well formed, its SHA-256
+                                                    checksum file when there is one)
 
 Problems come back in file order, each with its line. Errors make the report fail (and a
 SIGHUP reload keep the running configuration); warnings are shown and do not.
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway import pki
-from gateway.config import Config, Problem, parse
+from gateway.config import Config, Problem, Severity, parse
 from gateway.dn import dn_from_name
+from gateway.whitelist import MssanteWhitelist, WhitelistError, load_whitelist, verify_checksum
 
 __all__ = ["CheckReport", "run_check"]
 
@@ -35,6 +37,11 @@ class CheckReport:
     # look at `ok` before using it to serve).
     config: Config | None = None
     keyring: pki.KeyRing | None = None
+    # The MSSanté list as loaded (None when not configured or unusable), so that serving does
+    # not parse it twice, and the problems found with it, so that a reload can tell "only the
+    # new list is broken" (keep the last good list) from a broken configuration.
+    whitelist: MssanteWhitelist | None = None
+    whitelist_problems: tuple[Problem, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -106,29 +113,42 @@ def run_check(path: Path, now: dt.datetime) -> CheckReport:
         return CheckReport(path, tuple(found))
     config_ok = not any(p.severity == "error" for p in found)
     keyring, file_problems = pki.inspect(config, now)
-    found = found + file_problems + _whitelist_problems(config)
+    whitelist, listed = _whitelist_problems(config)
+    found = found + file_problems + listed
     found.sort(key=lambda p: p.line)
-    return CheckReport(path, tuple(found), config if config_ok else None, keyring)
+    return CheckReport(path, tuple(found), config if config_ok else None, keyring,
+                       whitelist, tuple(listed))
 
 
-def _whitelist_problems(config: Config) -> list[Problem]:
+def _whitelist_problems(config: Config) -> tuple[MssanteWhitelist | None, list[Problem]]:
     path = config.trust.mssante_whitelist
     if path is None:
-        return []
-    from gateway.whitelist import WhitelistError, load_whitelist
-
+        return None, []
     line = config.line("trust.mssante_whitelist")
+    download = "download it again from https://espacedeconfiance.mssante.fr/listeblanchemssante.xml"
+
+    def problem(message: str, severity: Severity = "error") -> Problem:
+        return Problem(config.path, line, f"trust.mssante_whitelist: {message}", severity)
+
     try:
         whitelist = load_whitelist(path)
     except WhitelistError as error:
-        return [Problem(config.path, line, f"trust.mssante_whitelist: {error}; download it "
-                        "again from https://espacedeconfiance.mssante.fr/listeblanchemssante.xml")]
-    problems = [
-        Problem(config.path, line, f"trust.mssante_whitelist: entry skipped: {text}", "warning")
-        for text in whitelist.problems[:_WHITELIST_DETAILS]
-    ]
+        return None, [problem(f"{error}; {download}")]
+    problems: list[Problem] = []
+    checksum = verify_checksum(path)
+    if not checksum.ok:
+        # A list that does not match its published digest may have been altered: it decides
+        # who may send health data, so it is refused, not warned about.
+        problems.append(problem(f"{checksum.message}; {download} with its checksum"))
+    if not whitelist.complete:
+        problems.append(problem(
+            "the list ends without its closing </ListeBlancheMSSante> tag (as the ANS "
+            f"publishes it); loaded anyway, {len(whitelist)} entries", "warning"))
+    problems += [problem(f"entry skipped: {text}", "warning")
+                 for text in whitelist.problems[:_WHITELIST_DETAILS]]
     rest = len(whitelist.problems) - _WHITELIST_DETAILS
     if rest > 0:
-        problems.append(Problem(config.path, line, f"trust.mssante_whitelist: {rest} more "
-                                "entries skipped", "warning"))
-    return problems
+        problems.append(problem(f"{rest} more entries skipped", "warning"))
+    if any(p.severity == "error" for p in problems):
+        return None, problems
+    return whitelist, problems

@@ -57,6 +57,16 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("serve", help="run the relay (SIGHUP reloads, SIGTERM drains)")
     commands.add_parser("check", help="validate routing.yaml, keys, certificates, whitelist")
+    commands.add_parser("reload", help="check routing.yaml, then make the running server apply it")
+    explain = commands.add_parser(
+        "explain", help="which networks, policy and keys a message would get (sends nothing)")
+    explain.add_argument("--from", dest="sender", required=True, help="envelope sender")
+    explain.add_argument("--to", dest="recipients", action="append", required=True,
+                         help="recipient (repeat for several)")
+    explain.add_argument("--peer-address", default="127.0.0.1", help="the sending peer's IP")
+    explain.add_argument("--peer-certificate", type=Path,
+                         help="PEM file of the certificate the peer would present")
+    commands.add_parser("demo", help="the gateway between simulated networks, on loopback")
     queue = commands.add_parser("queue", help="inspect and act on the spool")
     actions = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
     actions.add_parser("list", help="one line per message")
@@ -68,6 +78,23 @@ def parser() -> argparse.ArgumentParser:
         ("delete", "remove the message from the spool (no DSN is sent)"),
     ):
         actions.add_parser(action, help=text).add_argument("queue_id")
+    keys = commands.add_parser("keys", help="list, generate or import keys and certificates")
+    key_actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    key_actions.add_parser("list", help="identities and directory entries, with expiry")
+    generate = key_actions.add_parser("generate", help="a new key pair")
+    generate.add_argument("kind", choices=["x509", "openpgp"])
+    generate.add_argument("--out", type=Path, required=True,
+                          help="path without extension, e.g. pki/medecin")
+    generate.add_argument("--subject",
+                          help="X.509: the subject DN, e.g. 'CN=Passerelle,O=CHU,C=FR'")
+    generate.add_argument("--email", action="append", default=[], help="X.509: mail address")
+    generate.add_argument("--dns", action="append", default=[], help="X.509: host name")
+    generate.add_argument("--csr", action="store_true", help="X.509: a CSR instead of self-signed")
+    generate.add_argument("--rsa", action="store_true", help="X.509: RSA-3072 instead of P-256")
+    generate.add_argument("--days", type=int, default=365, help="X.509: validity of self-signed")
+    generate.add_argument("--uid", help='OpenPGP: user ID, e.g. "Passerelle <gw@example.org>"')
+    imported = key_actions.add_parser("import", help="add a correspondent's certificate or key")
+    imported.add_argument("file", type=Path)
     audit = commands.add_parser("audit", help="verify or search the audit trail")
     audit_actions = audit.add_subparsers(dest="action", required=True, metavar="ACTION")
     audit_actions.add_parser("verify", help="check the SHA-256 chain of every record")
@@ -78,6 +105,10 @@ def parser() -> argparse.ArgumentParser:
     found.add_argument("--since", type=dt.datetime.fromisoformat, help="ISO date or time")
     found.add_argument("--until", type=dt.datetime.fromisoformat, help="ISO date or time")
     found.add_argument("--json", action="store_true", help="one JSON record per line")
+    listing = commands.add_parser("whitelist", help="who may send for a domain (MSSanté list)")
+    listing_actions = listing.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing_actions.add_parser("show", help="operator certificates listed for DOMAIN").add_argument(
+        "domain")
     return top
 
 
@@ -130,6 +161,59 @@ def cmd_audit(config: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_whitelist(config: Path, domain: str) -> int:
+    """`gateway whitelist show DOMAIN`: the operator certificates the MSSanté list names."""
+    from gateway.config import ConfigError, load
+    from gateway.whitelist import (
+        WhitelistError,
+        load_whitelist,
+        normalise_domain,
+        verify_checksum,
+    )
+
+    try:
+        settings = load(config)
+    except ConfigError as error:
+        raise Failure(f"{config} has errors ({error}); run gateway check") from None
+    except OSError as error:
+        raise Failure(f"cannot read {config}: {error.strerror}") from None
+    path = settings.trust.mssante_whitelist
+    if path is None:
+        raise Failure(f"{config} names no MSSanté list; add trust.mssante_whitelist: "
+                      "data/listeblanchemssante.xml")
+    try:
+        whitelist = load_whitelist(path)
+    except WhitelistError as error:
+        raise Failure(f"{path}: {error}; download it again from "
+                      "https://espacedeconfiance.mssante.fr/listeblanchemssante.xml") from None
+    normalised = normalise_domain(domain)
+    if normalised is None:
+        raise Failure(f"{domain!r} is not a domain name")
+    checksum = verify_checksum(path)
+    print(f"list:      {path} (generated {whitelist.generated or 'at an unknown date'}, "
+          f"{len(whitelist)} entries; checksum: {checksum.message})")
+    network = settings.network_for_domain(normalised)
+    if network is None:
+        print(f"network:   none in {config} claims {normalised}")
+    else:
+        uses = "checks the list" if network.peers.whitelist else "does not check the list"
+        print(f"network:   {network.name} ({uses})")
+    entries = whitelist.show(normalised)
+    if not entries:
+        raise Failure(f"{normalised} is not in the MSSanté list: no operator may send for it "
+                      "through a peers: {whitelist: mssante} network")
+    def shown(text: object) -> str:  # the list is downloaded: no control characters to a tty
+        return "".join(c if c.isprintable() else "?" for c in str(text))
+
+    for entry in entries:
+        print(f"operator:  {shown(entry.operator)}")
+        if entry.description:
+            print(f"           {shown(entry.description)}")
+        if entry.updated:
+            print(f"           updated {shown(entry.updated)}")
+    return 0
+
+
 def _configure_logging(fmt: str, verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     if fmt == "json":
@@ -159,6 +243,94 @@ def cmd_check(config: Path) -> int:
         errors = sum(1 for p in report.problems if p.severity == "error")
         raise Failure(f"{config}: {errors} error(s) above; fix them and run gateway check again")
     print(report.summary())
+    return 0
+
+
+def cmd_explain(config: Path, args: argparse.Namespace) -> int:
+    from cryptography import x509
+
+    from gateway.explain import explain
+    from gateway.runtime import ConfigurationRefused, Runtime
+
+    try:
+        runtime = Runtime.load(config)
+    except ConfigurationRefused as error:
+        print(error, file=sys.stderr)
+        raise Failure(f"{config} has errors; run gateway check -c {config} and fix them") from None
+    certificate = None
+    if args.peer_certificate is not None:
+        try:
+            certificate = x509.load_pem_x509_certificate(args.peer_certificate.read_bytes())
+        except (OSError, ValueError) as error:
+            raise Failure(
+                f"cannot read {args.peer_certificate} as a PEM certificate: {error}"
+            ) from None
+    result = explain(runtime, args.sender, args.recipients, args.peer_address, certificate)
+    print(result)
+    return 0
+
+
+def cmd_keys(config: Path, args: argparse.Namespace) -> int:
+    from gateway import keys
+    from gateway.config import ConfigError, load
+
+    now = dt.datetime.now(dt.UTC)
+    try:
+        if args.action == "generate":
+            if args.kind == "x509":
+                if not args.subject:
+                    raise Failure("--subject is needed, e.g. --subject 'CN=Passerelle,O=CHU,C=FR'")
+                written = keys.generate_x509(args.out, args.subject, args.email, args.dns,
+                                             csr=args.csr, rsa_key=args.rsa, days=args.days,
+                                             now=now)
+            else:
+                if not args.uid:
+                    raise Failure('--uid is needed, e.g. --uid "Passerelle <gw@example.org>"')
+                written = keys.generate_openpgp(args.out, args.uid, now)
+            for path in written:
+                print(f"wrote {path}")
+            return 0
+        try:
+            settings = load(config)
+        except ConfigError as error:
+            raise Failure(f"{config} has errors ({error}); run gateway check") from None
+        if args.action == "import":
+            if not settings.directory:
+                raise Failure("routing.yaml has no directory: folder to import into; add one")
+            target, lines = keys.import_key(args.file, settings.directory[0], now)
+            for line in lines:
+                print(line)
+            print(f"imported as {target}; run gateway reload to use it")
+            return 0
+        from gateway.pki import KeyMaterialError, load_keyring
+
+        try:
+            keyring = load_keyring(settings, now)
+        except KeyMaterialError as error:
+            raise Failure(f"key material has errors ({error}); run gateway check") from None
+        for line in keys.list_keys(keyring, now):
+            print(line)
+        return 0
+    except keys.KeyCommandError as error:
+        raise Failure(str(error)) from None
+
+
+def cmd_reload(config: Path) -> int:
+    """Check first, so a broken file is reported here rather than only in the server's log."""
+    import os
+    import signal
+
+    cmd_check(config)
+    _spool_object, root = _spool(config)
+    pidfile = root / "passerelle.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError):
+        raise Failure(
+            f"no running gateway found ({pidfile}); start it with gateway serve"
+        ) from None
+    print(f"reload signalled to process {pid}")
     return 0
 
 
@@ -239,6 +411,9 @@ def cmd_queue(config: Path, action: str, queue_id: str | None) -> int:
             return 0
         raise Failure(f"message {queue_id} vanished while reading; run the command again")
     if action == "retry":
+        if location != "active" and location != "deferred":
+            hint = "gateway queue release" if location == "hold" else "gateway queue show"
+            raise Failure(f"{queue_id} is in {location}, not waiting for delivery; see {hint}")
         state = spool.read_state(queue_id)
         for r in state.recipients:
             if not r.status.final:
@@ -266,12 +441,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         _configure_logging(args.log_format, args.verbose)
         if args.command == "check":
             return cmd_check(config)
+        if args.command == "keys":
+            return cmd_keys(config, args)
+        if args.command == "explain":
+            return cmd_explain(config, args)
+        if args.command == "reload":
+            return cmd_reload(config)
         if args.command == "serve":
             return cmd_serve(config)
         if args.command == "queue":
             return cmd_queue(config, args.action, getattr(args, "queue_id", None))
         if args.command == "audit":
             return cmd_audit(config, args)
+        if args.command == "whitelist":
+            return cmd_whitelist(config, args.domain)
+        if args.command == "demo":
+            from gateway.demo import run_demo
+
+            return run_demo(config)
         raise Failure(f"unknown command {args.command}; see gateway --help")
     except Failure as failure:
         print(f"gateway: {failure}", file=sys.stderr)

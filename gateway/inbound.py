@@ -36,7 +36,7 @@ from gateway.addresses import Path, parse_mail_params, parse_path, parse_rcpt_pa
 from gateway.config import Listener
 from gateway.envelope import Envelope, Peer, Recipient
 from gateway.errors import GatewayError, PermanentFailure, Reason
-from gateway.peers import PeerIdentity, resolve_source
+from gateway.peers import PeerIdentity, PeerTrust, resolve_source
 from gateway.runtime import Runtime
 from gateway.spool import Spool
 
@@ -95,8 +95,15 @@ class GatewaySMTP(SMTP):
         self.transaction: Transaction | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        fresh = self not in self.inbound.sessions  # aiosmtpd calls this again after STARTTLS
         super().connection_made(transport)
         self.inbound.sessions.add(self)
+        if fresh and self.inbound.too_many(self):
+            # Before the greeting's reply is read: a flood from one peer cannot starve the rest.
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.write(b"421 4.7.0 Too many connections from your address, "
+                                b"try again later\r\n")
+            transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
@@ -161,9 +168,12 @@ class GatewaySMTP(SMTP):
                     smtp_code=552, enhanced="5.3.4", reason=Reason.TOO_LARGE,
                 )
             runtime = self.inbound.runtime()
+            # The handshake checked the chain but not the CRLs: the certificate is checked
+            # again, now, under the running configuration's anchors and CRLs.
+            trust = PeerTrust(runtime.trust.anchors, runtime.trust.crls)
             source = resolve_source(
                 runtime.config, self.peer_identity(), None if path.null else path.domain,
-                runtime.whitelist,
+                runtime.whitelist, trust=trust,
             )
         except GatewayError as error:
             self.inbound.rejected(self, "MAIL", argument, error)
@@ -223,9 +233,24 @@ class Inbound:
         self.events = events
         self.servers: list[asyncio.Server] = []
         self.sessions: set[GatewaySMTP] = set()
-        self.per_peer: dict[str, int] = {}
 
     # -- policy --------------------------------------------------------------------------------
+
+    def too_many(self, session: GatewaySMTP) -> bool:
+        """Whether the peer of `session` exceeds `limits.connections_per_peer`.
+
+        The network is not known before MAIL FROM, so the most generous limit of all networks
+        applies per peer address.
+        """
+        networks = self.runtime().config.networks.values()
+        limit = max((n.limits.connections_per_peer for n in networks), default=20)
+        host = session.session.peer[0] if session.session and session.session.peer else None
+        same = sum(
+            1 for other in self.sessions
+            if other.session is not None and other.session.peer
+            and other.session.peer[0] == host
+        )
+        return same > limit
 
     def route(self, source: str, path: Path) -> str:
         """The destination network of a recipient, or the 5xx that refuses it."""

@@ -1,35 +1,84 @@
-"""Which network a connected peer speaks for (routing.yaml `peers:`, DESIGN.md §10 "Peers").
+"""Which network a connected peer speaks for (routing.yaml `peers:`, DESIGN.md §10 "Peers"), and
+whether a next hop may receive a network's mail (`relay.whitelist: mssante`).
 
 Untrusted input: the peer's IP address and the certificate it presented (already verified
-against the trust anchors by the TLS handshake), and the MAIL FROM domain.
+against the trust anchors by the TLS handshake, which checks neither revocation nor the
+whitelist), the MAIL FROM domain, and the next hop's certificate after STARTTLS.
 
 A peer is authenticated for a network when every criterion the network states holds: its
-certificate subject is one of `subjects:` (RFC 4514 comparison, never the CN alone), its address
-is within `addresses:`, and for `whitelist: mssante` its certificate's subject DN is listed in the
-MSSanté whitelist for the MAIL FROM domain. A network that states no criterion accepts nobody:
-the default is deny. A peer that matches several networks is resolved by the MAIL FROM domain.
+certificate subject is one of `subjects:` (RFC 4514/4518 comparison, never the CN alone), its
+address is within `addresses:`, and for `whitelist: mssante` its certificate's subject DN is
+listed in the MSSanté whitelist for the MAIL FROM domain (for the null sender: for any domain of
+that network). A network that states no criterion accepts nobody: the default is deny. A peer
+that matches several networks is resolved by the MAIL FROM domain.
+
+A certificate only authenticates a peer after the gateway has checked it again at MAIL time,
+the way RFC 5280 asks and the handshake does not: path to the anchors, validity, CRLs of the
+leaf and of every CA above it (gateway.revocation: a stale or badly signed configured CRL
+refuses, a CA without a configured CRL is not checked). A subjectAltName is not required: the
+MSSanté list matches on the subject DN, and IGC-Santé client certificates may carry none.
+
+What the peer is told is one sentence (550 5.7.1, or 451 4.7.5 when the gateway's own CRL is
+unusable, so that mail waits for a fresh CRL instead of bouncing); which DN it presented and
+which DNs the list expects go to `detail`, that is the logs and the audit trail.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import ipaddress
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.x509 import verification
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.config import Config, NetworkSettings
 from gateway.dn import DistinguishedName, dn_from_name, parse_dn
-from gateway.errors import PermanentFailure, Reason
+from gateway.envelope import Recipient
+from gateway.errors import GatewayError, PermanentFailure, Reason, TemporaryFailure
+from gateway.revocation import (
+    CertificateProblem,
+    build_path,
+    check_revocation,
+    complete_chain,
+    validity_problem,
+)
+from gateway.whitelist import normalise_domain
 
-__all__ = ["PeerIdentity", "Whitelist", "resolve_source"]
+__all__ = [
+    "PeerIdentity",
+    "PeerTrust",
+    "Whitelist",
+    "check_next_hop",
+    "resolve_source",
+    "verify_certificate",
+]
+
+_AGNOSTIC = verification.Criticality.AGNOSTIC
+# How many listed DNs a log line shows before counting the rest.
+_SHOWN = 5
 
 
 class Whitelist(Protocol):
     """Domain → operator certificate DNs allowed to send for it (the MSSanté list)."""
 
     def operators(self, domain: str) -> Collection[DistinguishedName]: ...
+
+    def domains_for(self, operator: DistinguishedName) -> Collection[str]: ...
+
+
+@dataclass(frozen=True)
+class PeerTrust:
+    """What a peer certificate is checked against: the anchors (which may include
+    intermediate CAs, also used to build paths) and CRLs of `trust:`, at `now`."""
+
+    anchors: tuple[x509.Certificate, ...]
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
+    now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
 
 @dataclass(frozen=True)
@@ -49,11 +98,105 @@ class PeerIdentity:
         return str(subject) if subject is not None else None
 
 
+# -- certificates ---------------------------------------------------------------------------
+
+
+_PURPOSES = {"client": ExtendedKeyUsageOID.CLIENT_AUTH, "server": ExtendedKeyUsageOID.SERVER_AUTH}
+
+
+def _eku_allows(role: str) -> Callable[
+        [verification.Policy, x509.Certificate, x509.ExtendedKeyUsage | None], None]:
+    purpose = _PURPOSES[role]
+
+    def validate(policy: verification.Policy, certificate: x509.Certificate,
+                 value: x509.ExtendedKeyUsage | None) -> None:
+        # No EKU means any purpose (RFC 5280 §4.2.1.12); one that is there must allow ours.
+        if value is not None and not (
+            purpose in value or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in value
+        ):
+            raise ValueError(f"extended key usage does not allow TLS {role} authentication")
+    return validate
+
+
+def _ca_key_usage(policy: verification.Policy, certificate: x509.Certificate,
+                  value: x509.KeyUsage | None) -> None:
+    if value is not None and not value.key_cert_sign:
+        raise ValueError("CA key usage does not allow certificate signing")
+
+
+def verify_certificate(
+    certificate: x509.Certificate, trust: PeerTrust, *, role: str = "client"
+) -> list[x509.Certificate]:
+    """The chain of a TLS peer's certificate (leaf first, up to the root when the anchors
+    have it), or CertificateProblem. `role` is "client" (a peer sending to us) or "server"
+    (a next hop); the extended key usage, when present, must allow that role."""
+    problem = validity_problem(certificate, trust.now, "now")
+    if problem:
+        raise CertificateProblem(Reason.EXPIRED, problem)
+    ca_policy = (
+        verification.ExtensionPolicy.permit_all()
+        .require_present(x509.BasicConstraints, _AGNOSTIC, None)
+        .may_be_present(x509.KeyUsage, _AGNOSTIC, _ca_key_usage)
+    )
+    ee_policy = verification.ExtensionPolicy.permit_all().may_be_present(
+        x509.ExtendedKeyUsage, _AGNOSTIC, _eku_allows(role)
+    )
+    # Python's ssl module does not hand over the intermediates the peer sent, so paths are
+    # built through the anchors, which hold IGC-Santé's intermediate CAs.
+    chain = build_path(certificate, anchors=trust.anchors, intermediates=trust.anchors,
+                       at=trust.now, label="now", ca_policy=ca_policy, ee_policy=ee_policy)
+    chain = complete_chain(chain, trust.anchors)
+    check_revocation(chain, trust.crls, trust.now)
+    return chain
+
+
+def _describe(certificate: x509.Certificate) -> str:
+    return (f"{dn_from_name(certificate.subject)} (serial {certificate.serial_number:x}, "
+            f"issuer {dn_from_name(certificate.issuer)})")
+
+
+def _certificate_refused(peer: PeerIdentity, problem: CertificateProblem) -> GatewayError:
+    assert peer.certificate is not None
+    detail = f"peer {peer.address} certificate {_describe(peer.certificate)}: {problem.phrase}"
+    if problem.reason is Reason.REVOCATION_UNKNOWN:
+        return TemporaryFailure(
+            "The revocation status of this peer's certificate cannot be established now; "
+            "try again later", smtp_code=451, enhanced="4.7.5", reason=problem.reason,
+            detail=detail,
+        )
+    reason = problem.reason if problem.reason in (Reason.REVOKED, Reason.EXPIRED) \
+        else Reason.PEER_NOT_AUTHENTICATED
+    return PermanentFailure(
+        "This peer is not authorized to send mail through this gateway",
+        smtp_code=550, enhanced="5.7.1", reason=reason, detail=detail,
+    )
+
+
+def _expected(dns: Collection[DistinguishedName]) -> str:
+    if not dns:
+        return "the whitelist lists no certificate for it"
+    shown = sorted(str(dn) for dn in dns)
+    more = f" and {len(shown) - _SHOWN} more" if len(shown) > _SHOWN else ""
+    return "the whitelist expects " + "; ".join(shown[:_SHOWN]) + more
+
+
+# -- inbound --------------------------------------------------------------------------------
+
+
 def _not_authorized(detail: str) -> PermanentFailure:
     return PermanentFailure(
         "This peer is not authorized to send mail through this gateway",
         smtp_code=550, enhanced="5.7.1", reason=Reason.PEER_NOT_AUTHENTICATED, detail=detail,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _subjects(texts: tuple[str, ...]) -> frozenset[DistinguishedName]:
+    return frozenset(parse_dn(text) for text in texts)
+
+
+def _uses_certificate(network: NetworkSettings) -> bool:
+    return bool(network.peers.subjects or network.peers.whitelist)
 
 
 def _matches_static(network: NetworkSettings, peer: PeerIdentity) -> bool:
@@ -63,7 +206,7 @@ def _matches_static(network: NetworkSettings, peer: PeerIdentity) -> bool:
         return False
     if rule.subjects:
         subject = peer.subject
-        if subject is None or subject not in {parse_dn(s) for s in rule.subjects}:
+        if subject is None or subject not in _subjects(tuple(rule.subjects)):
             return False
     if rule.addresses and not any(peer.address in net for net in rule.addresses):
         return False
@@ -72,67 +215,145 @@ def _matches_static(network: NetworkSettings, peer: PeerIdentity) -> bool:
     return True
 
 
-def _listed(
-    network: NetworkSettings, peer: PeerIdentity, domains: Collection[str],
-    whitelist: Whitelist | None,
-) -> bool:
+def candidates(config: Config, peer: PeerIdentity) -> list[NetworkSettings]:
+    """Networks this peer may speak for, before the sender's domain is known and before its
+    certificate is checked again."""
+    return [n for n in config.networks.values() if _matches_static(n, peer)]
+
+
+def _listed_for_domain(network: NetworkSettings, subject: DistinguishedName, domain: str,
+                       whitelist: Whitelist | None) -> bool:
+    if not network.peers.whitelist:
+        return True
+    return whitelist is not None and subject in whitelist.operators(domain)
+
+
+def _listed_for_network(network: NetworkSettings, subject: DistinguishedName,
+                        whitelist: Whitelist | None) -> bool:
+    """For the null sender: the DN is listed for some domain that the network claims."""
     if not network.peers.whitelist:
         return True
     if whitelist is None:
         return False
-    subject = peer.subject
-    return subject is not None and any(subject in whitelist.operators(d) for d in domains)
-
-
-def candidates(config: Config, peer: PeerIdentity) -> list[NetworkSettings]:
-    """Networks this peer may speak for, before the sender's domain is known."""
-    return [n for n in config.networks.values() if _matches_static(n, peer)]
+    return any(network.claims(domain) for domain in whitelist.domains_for(subject))
 
 
 def resolve_source(
     config: Config, peer: PeerIdentity, sender_domain: str | None,
-    whitelist: Whitelist | None = None,
+    whitelist: Whitelist | None = None, *, trust: PeerTrust,
 ) -> NetworkSettings:
     """The source network for a transaction from `peer` with this MAIL FROM domain.
 
     `sender_domain` is None for the null sender, which an authenticated peer may use for
-    bounces and receipts of its network.
+    bounces and receipts of its network. Raises a GatewayError whose reply is for the peer and
+    whose `detail` says why, for the audit trail.
     """
     found = candidates(config, peer)
     if not found:
         raise _not_authorized(
             f"peer {peer.address} subject {peer.subject_text!r} matches no network's peers:"
         )
-    if sender_domain is None:
+    refused: GatewayError | None = None
+    if peer.certificate is not None and any(_uses_certificate(n) for n in found):
+        try:
+            verify_certificate(peer.certificate, trust, role="client")
+        except CertificateProblem as problem:
+            # The certificate authenticates nothing; networks that trust the peer by address
+            # alone still may.
+            refused = _certificate_refused(peer, problem)
+            found = [n for n in found if not _uses_certificate(n)]
+    domain = None if sender_domain is None else normalise_domain(sender_domain)
+    if sender_domain is not None and domain is None:
+        raise PermanentFailure(
+            f"Sender domain {sender_domain} is not a valid domain name",
+            smtp_code=550, enhanced="5.7.1", reason=Reason.SENDER_NOT_ALLOWED,
+            detail=f"peer {peer.address}: MAIL FROM domain {sender_domain!r} is not IDNA-valid",
+        )
+    if refused is not None and (
+        not found or (domain is not None and not any(n.claims(domain) for n in found))
+    ):
+        raise refused
+    if not found:
+        raise _not_authorized(f"peer {peer.address} matches no network's peers:")
+    subject = peer.subject
+    if domain is None:
         for network in found:
-            if _listed(network, peer, _listed_domains(network, whitelist), whitelist):
+            if not network.peers.whitelist or (
+                subject is not None and _listed_for_network(network, subject, whitelist)
+            ):
                 return network
         raise _not_authorized(
-            f"peer {peer.address} subject {peer.subject_text!r} is not listed for any domain of "
-            f"{', '.join(n.name for n in found)}"
+            f"peer {peer.address} subject {peer.subject_text!r} is not listed in the whitelist "
+            f"for any domain of {', '.join(n.name for n in found)} (null sender)"
         )
     for network in found:
-        if network.claims(sender_domain):
-            if not _listed(network, peer, [sender_domain], whitelist):
+        if network.claims(domain):
+            if network.peers.whitelist and (
+                subject is None or not _listed_for_domain(network, subject, domain, whitelist)
+            ):
+                expected = whitelist.operators(domain) if whitelist is not None else ()
                 raise _not_authorized(
-                    f"subject {peer.subject_text!r} is not listed in the whitelist for "
-                    f"{sender_domain}"
+                    f"peer {peer.address} presented {peer.subject_text!r}, which is not listed "
+                    f"in the MSSanté whitelist for {domain}; {_expected(expected)}"
                 )
             return network
     raise PermanentFailure(
         f"Sender domain {sender_domain} does not belong to the network this peer sends for",
         smtp_code=550, enhanced="5.7.1", reason=Reason.SENDER_NOT_ALLOWED,
         detail=f"peer {peer.address} may send for {', '.join(n.name for n in found)}, "
-        f"none of which claims {sender_domain}",
+        f"none of which claims {domain}",
     )
 
 
-def _listed_domains(network: NetworkSettings, whitelist: Whitelist | None) -> list[str]:
-    """Domains to look up in the whitelist for a null sender: the network's exact domains, and
-    for wildcard patterns every whitelisted domain under them."""
-    domains = [d for d in network.domains if not d.startswith("*.")]
-    if whitelist is not None and hasattr(whitelist, "domains"):
-        for domain in whitelist.domains():
-            if network.claims(domain):
-                domains.append(domain)
-    return domains
+# -- outbound -------------------------------------------------------------------------------
+
+
+def check_next_hop(
+    network: NetworkSettings,
+    recipients: Sequence[Recipient],
+    certificate: x509.Certificate | None,
+    *,
+    whitelist: Whitelist | None,
+    trust: PeerTrust,
+) -> None:
+    """For a relay with `whitelist: mssante`: the next hop's certificate (already verified by
+    the handshake against the anchors and the host name) must also pass the CRLs and be listed
+    for every recipient's domain. Raises TemporaryFailure (nothing is sent; the queue retries
+    until the give-up time, then bounces)."""
+    relay = network.relay
+    if relay is None or relay.whitelist != "mssante":
+        return
+    where = f"{relay.host}:{relay.port}"
+    if certificate is None:
+        raise TemporaryFailure(
+            f"The next hop {where} presented no certificate, and the {network.name} network "
+            "requires one listed in the MSSanté whitelist; nothing was sent.",
+            enhanced="4.7.5", reason=Reason.NEXT_HOP_UNTRUSTED,
+        )
+    try:
+        verify_certificate(certificate, trust, role="server")
+    except CertificateProblem as problem:
+        raise TemporaryFailure(
+            f"The certificate of the next hop {where} is not acceptable ({problem.phrase}); "
+            "nothing was sent.",
+            enhanced="4.7.5", reason=Reason.NEXT_HOP_UNTRUSTED,
+            detail=f"next hop {where} certificate {_describe(certificate)}: {problem.phrase}",
+        ) from None
+    subject = dn_from_name(certificate.subject)
+    unlisted: list[str] = []
+    expected: list[str] = []
+    for recipient in recipients:
+        domain = normalise_domain(recipient.address.rpartition("@")[2]) or recipient.address
+        if domain in unlisted:
+            continue
+        operators = whitelist.operators(domain) if whitelist is not None else ()
+        if subject not in operators:
+            unlisted.append(domain)
+            expected.append(f"{domain}: {_expected(operators)}")
+    if unlisted:
+        raise TemporaryFailure(
+            f"The next hop {where} is not listed in the MSSanté whitelist for "
+            f"{', '.join(unlisted)}; nothing was sent.",
+            enhanced="4.7.1", reason=Reason.NEXT_HOP_UNTRUSTED,
+            detail=f"next hop {where} presented {subject}; " + "; ".join(expected),
+        )

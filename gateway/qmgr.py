@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import heapq
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -42,7 +44,7 @@ REQUESTS = "requests"
 
 # How long one message's unwrap + wrap may take in a crypto worker. Far above what a 25 MiB
 # message costs on a slow machine, so only a pathological input (or a wedged library) reaches
-# it. Then the message is deferred with a reason and the pool is replaced (see `_overran`).
+# it; the message is then deferred with a reason (see `_prepare`).
 PREPARE_TIMEOUT = 120.0
 
 
@@ -68,9 +70,11 @@ class QueueManager:
         self.spool = spool
         self.runtime = runtime
         self.transport = transport
-        self.executor = executor
+        self.executor = executor  # kept for callers; prepare runs on watched threads instead
         self.prepare_timeout = prepare_timeout
-        self._own_executor = False  # True once `_overran` replaced the caller's pool
+        # Crypto workers at once: the size of the pool the caller handed in, 4 otherwise.
+        workers = executor._max_workers if isinstance(executor, ThreadPoolExecutor) else 4
+        self.crypto_slots = asyncio.Semaphore(workers)
         self.events = events
         self.clock = clock
         self.slots = asyncio.Semaphore(concurrency)
@@ -156,8 +160,6 @@ class QueueManager:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
-        if self._own_executor and self.executor is not None:
-            self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def _poll_requests(self) -> None:
         folder = self.spool.root / REQUESTS
@@ -209,12 +211,7 @@ class QueueManager:
             return
         runtime = self.runtime()
         moment = dt.datetime.fromtimestamp(now, dt.UTC)
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(self.executor, prepare, runtime, envelope, raw, due, moment)
-        try:
-            prepared: Prepared = await asyncio.wait_for(work, self.prepare_timeout)
-        except TimeoutError:
-            prepared = self._overran(envelope, due)
+        prepared = await self._prepare(runtime, envelope, raw, due, moment)
         if self.events is not None:
             self.events.unwrapped(envelope, prepared)
         outcomes = [self._failure_outcome(a, e) for a, e in prepared.failed.items()]
@@ -229,26 +226,44 @@ class QueueManager:
             outcomes.extend(result)
         await self._record(runtime, envelope, raw, state, outcomes, now)
 
-    def _overran(self, envelope: Envelope, due: Sequence[Recipient]) -> Prepared:
-        """A crypto worker did not finish in `prepare_timeout` seconds: defer the message.
+    async def _prepare(
+        self, runtime: Runtime, envelope: Envelope, raw: bytes, due: Sequence[Recipient],
+        moment: dt.datetime,
+    ) -> Prepared:
+        """Run `pipeline.prepare` (unwrap + wrap, CPU-bound) on a worker thread, bounded in
+        time: a message that overruns `prepare_timeout` is deferred with a reason.
 
-        A Python thread cannot be stopped, so the worker stays busy until the call returns (a
-        slow input finishes eventually; a wedged one keeps its thread). Further messages must
-        not queue behind it: the pool is replaced by a fresh one of the same size, and the old
-        one is shut down without waiting, so its threads exit as soon as their calls return.
-        Each overrun costs at most one thread for as long as that call runs, and a message
-        that overruns on every attempt is retried on the schedule and bounced at
-        `give_up_after`, like any other temporary failure.
+        Why a thread per message rather than a fixed pool: a Python thread cannot be stopped,
+        so a worker wedged by a pathological input stays busy. In a pool, every message queued
+        behind it would wait (and, with a few such inputs, the whole pool would be gone). Here
+        `crypto_slots` bounds the workers running at once, an overrun gives its slot back, and
+        the wedged thread is a daemon, so it never holds up a drain or the process exit. Each
+        overrun costs one thread for as long as that call runs; a message that overruns on
+        every attempt is retried on the schedule and bounced at `give_up_after`.
         """
-        log.error("%s: unwrap/wrap overran %gs; deferred, crypto pool replaced",
-                  envelope.queue_id, self.prepare_timeout)
-        old = self.executor
-        size = old._max_workers if isinstance(old, ThreadPoolExecutor) else 4
-        self.executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="crypto")
-        if old is not None and self._own_executor:
-            old.shutdown(wait=False)
-        # A pool handed in by the caller is left to the caller, which shuts it down at stop.
-        self._own_executor = True
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Prepared] = loop.create_future()
+
+        def settle(outcome: Callable[[], None]) -> None:
+            if not done.done():  # else the attempt stopped waiting (overrun or shutdown)
+                outcome()
+
+        def work() -> None:
+            try:
+                result = prepare(runtime, envelope, raw, due, moment)
+                outcome = functools.partial(done.set_result, result)
+            except BaseException as raised:  # prepare catches Exception; this is the rest
+                outcome = functools.partial(done.set_exception, raised)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(settle, outcome)
+
+        async with self.crypto_slots:
+            threading.Thread(target=work, name=f"crypto-{envelope.queue_id}", daemon=True).start()
+            try:
+                return await asyncio.wait_for(done, self.prepare_timeout)
+            except TimeoutError:
+                pass
+        log.error("%s: unwrap/wrap overran %gs; deferred", envelope.queue_id, self.prepare_timeout)
         error = TemporaryFailure(
             f"Processing this message took longer than {self.prepare_timeout:g} seconds; "
             f"it will be tried again later",

@@ -3,20 +3,30 @@
 A reload builds a new `Runtime` and swaps it in only if `gateway check` finds no error, so a
 message is always handled under one coherent configuration: sessions and deliveries already
 in progress keep the `Runtime` they started with.
+
+One exception, for the MSSanté whitelist, which is downloaded and replaced on its own schedule:
+when the new list is the only thing wrong (unreadable, cut short, checksum mismatch), the
+reload goes ahead with the last list that loaded from that path in this process, and says so
+at ERROR level each time. At start there is no last good list, so a broken list refuses to
+start: the gateway never serves without the list it was told to enforce.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.base import Identity, TrustStore, UnwrapContext, WrapContext
 from gateway import check, pki
+from gateway import whitelist as mssante
 from gateway.config import Config, NetworkSettings
 from gateway.peers import Whitelist
 
 __all__ = ["ConfigurationRefused", "Runtime"]
+
+log = logging.getLogger("gateway.runtime")
 
 
 class ConfigurationRefused(Exception):
@@ -33,18 +43,19 @@ class Runtime:
     def load(path: Path, now: dt.datetime | None = None) -> Runtime:
         now = now or dt.datetime.now(dt.UTC)
         report = check.run_check(path, now)
-        if not report.ok:
+        whitelist: Whitelist | None = report.whitelist
+        kept = _last_good_whitelist(report)
+        if not report.ok and kept is None:
             raise ConfigurationRefused(
                 "\n".join(str(p) for p in report.problems if p.severity == "error")
             )
         config = report.config
         assert config is not None
         keyring = pki.load_keyring(config, now)
-        whitelist = None
-        if config.trust.mssante_whitelist is not None:
-            from gateway.whitelist import load_whitelist
-
-            whitelist = load_whitelist(config.trust.mssante_whitelist)
+        if kept is not None:
+            whitelist = kept
+        elif report.whitelist is not None and config.trust.mssante_whitelist is not None:
+            mssante.remember(config.trust.mssante_whitelist, report.whitelist)
         return Runtime(config, keyring, whitelist)
 
     def identity(self, network: NetworkSettings) -> Identity | None:
@@ -80,3 +91,21 @@ class Runtime:
             recipients=recipients,
             options=network.options,
         )
+
+
+def _last_good_whitelist(report: check.CheckReport) -> mssante.MssanteWhitelist | None:
+    """The list to keep when the new one is the only error, else None."""
+    config = report.config
+    if report.ok or config is None or config.trust.mssante_whitelist is None:
+        return None
+    if any(p not in report.whitelist_problems for p in report.errors):
+        return None
+    kept = mssante.last_good(config.trust.mssante_whitelist)
+    if kept is not None:
+        log.error(
+            "the MSSanté whitelist %s cannot be used, keeping the last good list "
+            "(%d entries, generated %s) until it is fixed:\n%s",
+            config.trust.mssante_whitelist, len(kept), kept.generated or "at an unknown date",
+            "\n".join(str(p) for p in report.errors),
+        )
+    return kept

@@ -15,15 +15,20 @@ import logging
 import os
 import signal
 import ssl
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cryptography import x509
+
 from gateway.audit import AuditTrail
-from gateway.config import Listener
+from gateway.config import Listener, NetworkSettings
 from gateway.delivery import SmtpTransport, Transport, make_client_tls_context
+from gateway.envelope import Recipient
 from gateway.events import Events
 from gateway.http import MetricsServer
 from gateway.inbound import Inbound
+from gateway.peers import PeerTrust, check_next_hop
 from gateway.qmgr import QueueManager
 from gateway.runtime import ConfigurationRefused, Runtime
 from gateway.spool import Spool
@@ -49,6 +54,7 @@ class Gateway:
         self.audit = AuditTrail(config.gateway.audit.path, config.gateway.audit.retention)
         self.events = events or Events(audit=self.audit)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="crypto")
+        self._own_transport = transport is None
         self.transport = transport or self._make_transport()
         self.qmgr = QueueManager(self.spool, self.runtime, self.transport, self.executor,
                                  events=self.events)
@@ -56,6 +62,7 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self._metrics_server: MetricsServer | None = None
+        self.pidfile: Path | None = None
 
     def runtime(self) -> Runtime:
         return self._runtime
@@ -69,7 +76,16 @@ class Gateway:
             tls.certificate if tls else None,
             tls.key if tls else None,
         )
-        return SmtpTransport(config.gateway.hostname, context)
+
+        def peer_check(network: NetworkSettings, recipients: Sequence[Recipient],
+                       certificate: x509.Certificate | None) -> None:
+            # The running configuration at the time of sending, so that a reloaded whitelist
+            # or CRL applies to deliveries from then on.
+            current = self._runtime
+            check_next_hop(network, recipients, certificate, whitelist=current.whitelist,
+                           trust=PeerTrust(current.trust.anchors, current.trust.crls))
+
+        return SmtpTransport(config.gateway.hostname, context, peer_check=peer_check)
 
     def _server_tls(self, listener: Listener) -> ssl.SSLContext | None:
         tls = self._runtime.config.gateway.tls
@@ -89,6 +105,8 @@ class Gateway:
         await self.inbound.start(config.gateway.listen, self._server_tls,
                                  config.gateway.max_message_size, config.gateway.hostname)
         self._tasks.append(asyncio.create_task(self.qmgr.run()))
+        self.pidfile = config.gateway.spool.path / "passerelle.pid"
+        self.pidfile.write_text(f"{os.getpid()}\n")
         self._update_gauges()
         if config.gateway.metrics is not None:
             self._metrics_server = MetricsServer(self.events.metrics.registry, self.health)
@@ -111,6 +129,15 @@ class Gateway:
             log.error("reload failed, keeping the running configuration: %s", error)
             return False
         self._runtime = runtime
+        if self._own_transport:
+            # New anchors or client certificate: new deliveries use a new transport; those in
+            # progress finish on the old one, which is closed once they are done.
+            old = self.transport
+            self.transport = self._make_transport()
+            self.qmgr.transport = self.transport
+            close = getattr(old, "close", None)
+            if close is not None:
+                self._tasks.append(asyncio.ensure_future(close()))
         self._update_gauges()
         self.events.lifecycle("reload", config=str(self.config_path))
         return True
@@ -165,6 +192,8 @@ class Gateway:
         if self._metrics_server is not None:
             await self._metrics_server.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.pidfile is not None:
+            self.pidfile.unlink(missing_ok=True)
         self.events.lifecycle("stop")
         self.audit.close()
         self._stopped.set()

@@ -19,12 +19,13 @@ from gateway.envelope import Envelope
 __all__ = ["add_trace", "authentication_results", "received", "strip_forged_results"]
 
 _FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.ASCII)
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f()\\\"]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SPECIAL = re.compile(r"([()\\\"])")
 
 
 def _comment(text: str) -> str:
-    """Text made safe for an RFC 5322 comment (no line breaks, no nesting)."""
-    return _UNSAFE.sub(" ", text).strip()[:200]
+    """Text made safe for an RFC 5322 comment: no line breaks, specials as quoted-pairs."""
+    return _SPECIAL.sub(r"\\\1", _CONTROL.sub(" ", text).strip()[:200])
 
 
 def _header_block(message: bytes) -> tuple[bytes, bytes]:

@@ -31,6 +31,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.config import normalize_domain
 from gateway.dn import DistinguishedName, parse_dn
 
 __all__ = [
@@ -111,16 +112,13 @@ class MssanteWhitelist:
 
 
 def normalise_domain(domain: str) -> str | None:
-    """`domain` as the gateway compares it (lower case, no trailing dot, IDNA), or None when it
-    is not a domain name at all."""
-    text = domain.strip().rstrip(".").lower()
-    if not text:
-        return None
-    if text.isascii():
-        return text
+    """`domain` as the gateway compares it (lower case, no trailing dot, IDNA-encoded, the
+    rules of `gateway.config.normalize_domain`), or None when it is not a domain name."""
+    if "*" in domain:
+        return None  # the list names domains, never patterns
     try:
-        return text.encode("idna").decode("ascii").lower()
-    except UnicodeError:
+        return normalize_domain(domain)
+    except ValueError:
         return None
 
 
@@ -128,7 +126,7 @@ class _Reader:
     """Streams the XML (start/end events) and keeps only what the gateway needs."""
 
     def __init__(self) -> None:
-        self.parser = ET.XMLPullParser(events=("start", "end"))
+        self.parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("start", "end"))
         self.stack: list[str] = []
         self.generated: str | None = None
         self.list_closed = False
@@ -146,8 +144,12 @@ class _Reader:
         self.drain()
 
     def drain(self) -> None:
-        for event, element in self.parser.read_events():
-            assert isinstance(element, ET.Element)
+        for item in self.parser.read_events():
+            if not isinstance(item, tuple):
+                continue  # only start/end events are asked for; anything else is not ours
+            event, element = item[0], item[-1]
+            if not isinstance(element, ET.Element):
+                continue
             tag = element.tag.removeprefix(NAMESPACE)
             if event == "start":
                 self.start(tag, element)

@@ -7,7 +7,8 @@ Followed: RFC 5280 (path validation, by cryptography's x509.verification; CRL ch
 RFC 8550 §4.4 (S/MIME certificate profile: if extendedKeyUsage is present it must allow
 emailProtection; keyUsage digitalSignature/nonRepudiation to sign, keyEncipherment for RSA key
 transport, keyAgreement for ECDH), DESIGN.md §10 "Revocation": a configured CRL that is stale
-or badly signed refuses the certificate; a CA with no configured CRL is not checked.
+or badly signed refuses the certificate; a CA with no configured CRL is not checked. Path
+building and CRL checks are gateway.revocation's, shared with the TLS peer checks.
 
 Untrusted input: the end-entity certificate and the intermediates a message carries; the
 trust anchors and CRLs are the operator's.
@@ -16,9 +17,7 @@ trust anchors and CRLs are the operator's.
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 from cryptography import x509
@@ -28,6 +27,13 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.errors import Reason
+from gateway.revocation import (
+    CertificateProblem,
+    build_path,
+    check_revocation,
+    complete_chain,
+    validity_problem,
+)
 
 __all__ = ["Purpose", "TrustProblem", "check_certificate", "fingerprint"]
 
@@ -36,13 +42,8 @@ Purpose = Literal["sign", "encrypt"]
 _AGNOSTIC = verification.Criticality.AGNOSTIC
 
 
-class TrustProblem(Exception):
-    """Why a certificate is not acceptable: a closed-list reason and a short phrase."""
-
-    def __init__(self, reason: Reason, phrase: str) -> None:
-        super().__init__(phrase)
-        self.reason = reason
-        self.phrase = phrase
+# One exception for every certificate the gateway judges; the S/MIME name is kept for callers.
+TrustProblem = CertificateProblem
 
 
 def fingerprint(certificate: x509.Certificate) -> str:
@@ -105,7 +106,7 @@ def _ee_eku(
         raise ValueError("certificate not for e-mail protection")
 
 
-def _verifier(anchors: Sequence[x509.Certificate], at: dt.datetime) -> verification.ClientVerifier:
+def _policies() -> tuple[verification.ExtensionPolicy, verification.ExtensionPolicy]:
     ca_policy = (
         verification.ExtensionPolicy.permit_all()
         .require_present(x509.BasicConstraints, _AGNOSTIC, None)
@@ -116,45 +117,7 @@ def _verifier(anchors: Sequence[x509.Certificate], at: dt.datetime) -> verificat
     ee_policy = verification.ExtensionPolicy.permit_all().may_be_present(
         x509.ExtendedKeyUsage, _AGNOSTIC, _ee_eku
     )
-    return (
-        verification.PolicyBuilder()
-        .store(verification.Store(list(anchors)))
-        .time(at)
-        .max_chain_depth(8)
-        .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
-        .build_client_verifier()
-    )
-
-
-def _validity_problem(certificate: x509.Certificate, at: dt.datetime, label: str) -> str | None:
-    if at < certificate.not_valid_before_utc:
-        return f"certificate not yet valid at {label}"
-    if at > certificate.not_valid_after_utc:
-        return f"certificate expired at {label}"
-    return None
-
-
-@dataclass(frozen=True)
-class _Revocation:
-    crls: tuple[x509.CertificateRevocationList, ...]
-    now: dt.datetime
-
-    def check(self, certificate: x509.Certificate, issuer: x509.Certificate) -> None:
-        relevant = [crl for crl in self.crls if crl.issuer == certificate.issuer]
-        if not relevant:
-            return  # DESIGN.md §10: a CA with no configured CRL is not revocation-checked
-        for crl in relevant:
-            try:
-                signed_by_issuer = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                signed_by_issuer = False
-            if not signed_by_issuer:
-                raise TrustProblem(Reason.REVOCATION_UNKNOWN, "CRL not signed by the issuer")
-            next_update = crl.next_update_utc
-            if next_update is None or next_update < self.now:
-                raise TrustProblem(Reason.REVOCATION_UNKNOWN, "CRL is stale (past nextUpdate)")
-            if crl.get_revoked_certificate_by_serial_number(certificate.serial_number):
-                raise TrustProblem(Reason.REVOKED, "certificate revoked")
+    return ca_policy, ee_policy
 
 
 def check_certificate(
@@ -179,28 +142,14 @@ def check_certificate(
     if signing_time is not None:
         times.append((signing_time, "signing time"))
     for at, label in times:
-        problem = _validity_problem(certificate, at, label)
+        problem = validity_problem(certificate, at, label)
         if problem:
             raise TrustProblem(Reason.EXPIRED, problem)
-    if not anchors:
-        raise TrustProblem(Reason.UNTRUSTED_SIGNER, "no trust anchors configured")
-    pool = [c for c in intermediates if c != certificate]
+    ca_policy, ee_policy = _policies()
+    pool = list(intermediates)  # walked once per time checked
     chain: list[x509.Certificate] = []
     for at, label in times:
-        try:
-            chain = _verifier(anchors, at).verify(certificate, pool).chain
-        except verification.VerificationError as error:
-            text = str(error)
-            if "expired" in text or "not yet valid" in text or "validity" in text:
-                raise TrustProblem(Reason.EXPIRED, f"CA certificate not valid at {label}") from None
-            raise TrustProblem(
-                Reason.UNTRUSTED_SIGNER, "certificate not issued by a trusted CA"
-            ) from None
-        except Exception:  # unsupported name types and the like: never a pass
-            raise TrustProblem(
-                Reason.UNTRUSTED_SIGNER, "certificate chain not verifiable"
-            ) from None
-    revocation = _Revocation(tuple(crls), now)
-    for child, parent in itertools.pairwise(chain):
-        revocation.check(child, parent)
+        chain = build_path(certificate, anchors=anchors, intermediates=pool, at=at,
+                           label=label, ca_policy=ca_policy, ee_policy=ee_policy)
+    check_revocation(complete_chain(chain, anchors), crls, now)
     return tuple(chain)

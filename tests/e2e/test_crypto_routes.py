@@ -188,6 +188,8 @@ async def test_hospital_to_apicrypt_gp_decrypts_body_and_attachment_with_gpg(
     [got] = await world.sinks["apicrypt"].wait(timeout=30)
     message = email.message_from_bytes(got.data, policy=email.policy.compat32)
     assert message["Subject"] == "Compte rendu"  # Apicrypt keeps the subject in clear
+    # What the gateway verified is visible in the headers an Apicrypt client shows.
+    assert message["Authentication-Results"] == "passerelle.test; none"
     parts = [p for p in message.walk() if not p.is_multipart()]
     names = [p.get_filename() for p in parts]
     assert "cr.pdf.apz" in names

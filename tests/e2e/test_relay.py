@@ -337,3 +337,28 @@ async def test_null_sender_never_gets_a_dsn(running: Running) -> None:
     await asyncio.sleep(2)
     assert world.sinks["clinic"].messages == []
     assert list(running.gateway.spool.entries()) == []
+
+
+async def test_connections_per_peer_limit(world_factory: Callable[..., World]) -> None:
+    def limited(text: str) -> str:
+        return text.replace("    adapter: mime\n",
+                            "    adapter: mime\n    limits: {connections_per_peer: 2}\n")
+
+    world = world_factory(edit=limited)
+    async with start(world):
+        held = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", world.port)
+            assert (await reader.readline()).startswith(b"220")
+            held.append(writer)
+        reader, writer = await asyncio.open_connection("127.0.0.1", world.port)
+        lines = (await asyncio.wait_for(reader.read(4096), 10)).decode()
+        assert "421 4.7.0" in lines
+        writer.close()
+        held.pop().close()
+        await asyncio.sleep(0.2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", world.port)
+        assert (await reader.readline()).startswith(b"220")  # a slot is free again
+        writer.close()
+        for other in held:
+            other.close()

@@ -75,7 +75,8 @@ async def test_kill_minus_nine_then_restart_delivers_everything(tmp_path: Path) 
         await asyncio.sleep(1.5)
         assert len(sink.messages) == len(accepted)  # nothing delivered twice here
         spool = world.root / "var" / "spool"
-        leftovers = [p for p in spool.rglob("*") if p.is_file() and "requests" not in p.parts]
+        leftovers = [p for p in spool.rglob("*")
+                     if p.is_file() and "requests" not in p.parts and p.suffix != ".pid"]
         assert leftovers == []
     finally:
         process.terminate()
@@ -96,6 +97,62 @@ async def test_sigterm_drains_and_keeps_the_spool(tmp_path: Path) -> None:
         process = start_server(world)
         await wait_listening(world, process)
         await sink.wait(3, timeout=60)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        await sink.stop()
+
+
+async def test_sighup_applies_a_clean_file_and_keeps_the_old_one_otherwise(
+    tmp_path: Path,
+) -> None:
+    world = build_world(tmp_path, retry="[1s]")
+    sink = world.sinks["hospital"]
+    await sink.start()
+    original = world.config.read_text()
+    process = start_server(world)
+    try:
+        await wait_listening(world, process)
+        # A broken file is refused by `gateway reload` and, signalled anyway, by the server.
+        world.config.write_text(original.replace("to: [hospital]", "to: [nowhere]"))
+        refused = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "reload", "-c", str(world.config)],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert refused.returncode == 1
+        process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(1)
+        await send_batch(world, 1, "still-routed")  # old routes still apply
+        await sink.wait(1, timeout=30)
+        # A clean file that removes the route clinic -> hospital is applied.
+        world.config.write_text(original.replace("  - {from: clinic, to: [hospital]}\n", ""))
+        applied = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "reload", "-c", str(world.config)],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        for _ in range(50):
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=world.port, start_tls=True,
+                                   tls_context=world.client_context(None), timeout=20)
+            await smtp.connect()
+            await smtp.mail("a@clinique-test.fr")
+            try:
+                await smtp.rcpt("b@chu-test.fr")
+                accepted = True
+            except aiosmtplib.SMTPRecipientRefused as error:
+                accepted = False
+                assert error.code == 550
+            await smtp.quit()
+            if not accepted:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("the reloaded routes were never applied")
+        audit = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "audit", "verify", "-c", str(world.config)],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert audit.returncode == 0, audit.stdout + audit.stderr
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -4,7 +4,6 @@ example, with both CAs' CRLs) and every file it names, generated with the test P
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,7 +144,10 @@ def build_site(root: Path, *, medecin_not_after: dt.datetime | None = None) -> S
     pki_dir = root / "pki"
     (pki_dir / "directory").mkdir(parents=True)
     (root / "data").mkdir()
-    shutil.copyfile(WHITELIST, root / "data" / "listeblanchemssante.xml")
+    # The published list with its closing root tag restored, so that a clean site checks with
+    # no warning at all (the list as published is tested in tests/unit/test_whitelist.py).
+    (root / "data" / "listeblanchemssante.xml").write_bytes(
+        WHITELIST.read_bytes().rstrip() + b"\n</ListeBlancheMSSante>\n")
 
     pki = testpki.IgcSante.create()
     (pki_dir / "ca.pem").write_bytes(pki.root.cert_pem + pki.organisations.cert_pem)

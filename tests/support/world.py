@@ -79,21 +79,29 @@ class Sink:
         self.port = free_port()
         self.handler = SinkHandler()
         self.server: asyncio.Server | None = None
+        self.protocols: list[SMTP] = []
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
 
         def factory() -> SMTP:
             self.handler.connections += 1
-            return SMTP(self.handler, hostname=f"sink.{self.name}", decode_data=False,
-                        tls_context=self.tls, require_starttls=False)
+            protocol = SMTP(self.handler, hostname=f"sink.{self.name}", decode_data=False,
+                            tls_context=self.tls, require_starttls=False)
+            self.protocols.append(protocol)
+            return protocol
 
         self.server = await loop.create_server(factory, "127.0.0.1", self.port)
 
     async def stop(self) -> None:
+        """The next hop goes down: no more connections, and open ones are cut."""
         if self.server is not None:
             self.server.close()
             self.server = None
+        for protocol in self.protocols:
+            if protocol.transport is not None:
+                protocol.transport.close()
+        self.protocols.clear()
 
     @property
     def messages(self) -> list[Received]:
@@ -222,3 +230,201 @@ def message(sender: str, recipient: str, subject: str = "Compte rendu", body: st
         f"Date: Mon, 23 Nov 2026 10:00:00 +0100\r\nMIME-Version: 1.0\r\n"
         f"Content-Type: text/plain; charset=utf-8\r\n{extra}\r\n{body}"
     ).encode()
+
+
+# -- the MSSanté trust space (issue 5): whitelist peers, CRLs, an IGC-Santé-shaped PKI --------
+
+
+def mssante_whitelist_xml(entries: list[tuple[str, str]], *, closed: bool = False) -> bytes:
+    """A list in the official format; like the published one, without its closing root tag
+    unless `closed`."""
+    from xml.sax.saxutils import escape
+
+    body = "".join(
+        "        <Domaine>\n"
+        f"            <Nom>{escape(domain)}</Nom>\n"
+        "            <Description>Domaine de test</Description>\n"
+        f"            <DNCertificatOperateur>{escape(dn)}</DNCertificatOperateur>\n"
+        "            <ResponsableContact>01 00 00 00 00, test@example.test</ResponsableContact>\n"
+        "            <SupportContact>01 00 00 00 00, test@example.test</SupportContact>\n"
+        "            <DateMAJ>2025-03-13T14:54:10Z</DateMAJ>\n"
+        "        </Domaine>\n"
+        for domain, dn in entries
+    )
+    text = (
+        '<?xml version="1.0" encoding="UTF-8"?><ListeBlancheMSSante '
+        'xmlns="https://listeblanche.mssante.fr/schema">\n'
+        "    <DateDeGeneration>2025-03-13T14:54:10Z</DateDeGeneration>\n"
+        f"    <ListeDomaines>\n{body}    </ListeDomaines>\n"
+        + ("</ListeBlancheMSSante>\n" if closed else "")
+    )
+    return text.encode("utf-8")
+
+
+def sink_context_for(issued: testpki.Issued, root: Path, name: str) -> ssl.SSLContext:
+    """A sink's TLS context presenting `issued` (for next hops with a chosen certificate)."""
+    cert, key = root / "pki" / f"sink-{name}.pem", root / "pki" / f"sink-{name}.key"
+    cert.write_bytes(issued.chain_pem())
+    key.write_bytes(issued.key_pem)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.load_verify_locations(cafile=str(root / "pki" / "ca.pem"))
+    context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def reversed_subject(issued: testpki.Issued) -> Any:
+    """The subject of `issued` with its RDNs in the opposite order (same attributes)."""
+    from cryptography import x509
+
+    return x509.Name(list(reversed(list(issued.certificate.subject))))
+
+
+@dataclass
+class MssanteWorld(World):
+    """`World` for the trust space. `operators` maps a role to a client certificate:
+    listed, nosan, revoked, expired, unlisted, cn_twin, reordered, untrusted."""
+
+    operators: dict[str, testpki.Issued] = field(default_factory=dict)
+    whitelist: Path = Path()
+    listed: list[tuple[str, str]] = field(default_factory=list)
+
+    def dn(self, role: str) -> str:
+        from gateway.dn import dn_from_name
+
+        return str(dn_from_name(self.operators[role].certificate.subject))
+
+    def write_whitelist(self, entries: list[tuple[str, str]]) -> None:
+        self.listed = list(entries)
+        self.whitelist.write_bytes(mssante_whitelist_xml(entries))
+
+
+def build_mssante_world(root: Path, *, retry: str = "[1s, 2s]", give_up: str = "1h",
+                        x_mss_nil: str | None = None) -> MssanteWorld:
+    """Networks:
+    - mssante   *.mssante-test.fr        peers {whitelist: mssante}, relay = sink "mssante"
+                                          (tls required, whitelist: mssante)
+    - autre     *.autre-mssante-test.fr  peers {whitelist: mssante}, relay = sink "revokedhop"
+                                          whose certificate is listed but revoked
+    - clinic    clinique-test.fr         peers by address 127.0.0.1, relay = sink "clinic"
+    Routes: mssante -> clinic, autre -> clinic, clinic -> mssante, autre.
+    Whitelist: a.mssante-test.fr (listed, revoked, expired, next hop), b (nosan, next hop),
+    c (listed only: the next hop is NOT listed), d.autre-mssante-test.fr (revoked next hop).
+    """
+    from cryptography import x509 as _x509
+
+    pki_dir = root / "pki"
+    pki_dir.mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    pki = testpki.IgcSante.create()
+    (pki_dir / "ca.pem").write_bytes(pki.root.cert_pem + pki.organisations.cert_pem)
+    gateway_cert = pki.server("passerelle.test", dns=["passerelle.test", "localhost"],
+                              ips=["127.0.0.1"], structure="1690000000", org="PASSERELLE TEST")
+    (pki_dir / "gateway.pem").write_bytes(gateway_cert.chain_pem())
+    (pki_dir / "gateway.key").write_bytes(gateway_cert.key_pem)
+    (pki_dir / "gateway.key").chmod(0o600)
+    now = testpki.NOW
+    import datetime as _dt
+
+    operators = {
+        # FINESS-shaped (1+) and SIRET-shaped (3+) structure identifiers, as IGC-Santé writes.
+        "listed": pki.server("mx.operateur-a.test", structure="1750000001",
+                             org="CH OPERATEUR A", department="Paris (75)"),
+        "nosan": pki.server("mx.operateur-b.test", structure="312345678900017",
+                            org="OPERATEUR B", department="Gironde (33)", dns=[]),
+        "revoked": pki.server("mx.operateur-r.test", structure="1750000002",
+                              org="CH REVOQUE", department="Paris (75)"),
+        "expired": pki.server("mx.operateur-e.test", structure="1750000003",
+                              org="CH EXPIRE", department="Paris (75)",
+                              not_before=now - _dt.timedelta(days=400),
+                              not_after=now - _dt.timedelta(days=1)),
+        "unlisted": pki.server("mx.inconnu.test", structure="1990000000", org="INCONNU",
+                               department="Nord (59)"),
+        # Same CN as the listed operator, another organisation: must not pass as it.
+        "cn_twin": pki.server("mx.operateur-a.test", structure="1990000001", org="IMPOSTEUR",
+                              department="Paris (75)"),
+        "untrusted": testpki.IgcSante.create().server(
+            "mx.operateur-a.test", structure="1750000001", org="CH OPERATEUR A",
+            department="Paris (75)"),
+    }
+    listed = operators["listed"]
+    operators["reordered"] = pki.organisations.issue(
+        reversed_subject(listed), dns=["mx.operateur-a.test"])
+    pki.organisations.revoke(operators["revoked"])
+    revoked_hop = pki.server("mx.revokedhop.test", dns=["mx.revokedhop.test", "localhost"],
+                             ips=["127.0.0.1"], structure="1750000009", org="CH HOP REVOQUE")
+    pki.organisations.revoke(revoked_hop)
+    (pki_dir / "root.crl").write_bytes(testpki.crl_pem(pki.root.crl()))
+    (pki_dir / "organisations.crl").write_bytes(testpki.crl_pem(pki.organisations.crl()))
+    sinks = {
+        "mssante": Sink("mssante", sink_context(pki, root, "mssante")),
+        "revokedhop": Sink("revokedhop", sink_context_for(revoked_hop, root, "revokedhop")),
+        "clinic": Sink("clinic", sink_context(pki, root, "clinic")),
+    }
+    from gateway.dn import dn_from_name
+
+    def dn(issued: testpki.Issued | _x509.Certificate) -> str:
+        cert = issued if isinstance(issued, _x509.Certificate) else issued.certificate
+        return str(dn_from_name(cert.subject))
+
+    next_hop = _x509.load_pem_x509_certificate((pki_dir / "sink-mssante.pem").read_bytes())
+    # The listed operator's DN as an operator might type it: other case, extra spaces.
+    typed = ("cn=MX.OPERATEUR-A.TEST, ou=1750000001, o=CH  Operateur A, "
+             "stateOrProvinceName=paris (75), c=fr")
+    entries = [
+        ("a.mssante-test.fr", typed),
+        ("A.mssante-test.fr", dn(operators["revoked"])),
+        ("a.mssante-test.fr", dn(operators["expired"])),
+        ("a.mssante-test.fr", dn(next_hop)),
+        ("b.mssante-test.fr", dn(operators["nosan"])),
+        ("b.mssante-test.fr", dn(next_hop)),
+        ("c.mssante-test.fr", dn(listed)),
+        ("d.autre-mssante-test.fr", dn(revoked_hop)),
+        ("d.autre-mssante-test.fr", dn(listed)),
+    ]
+    whitelist = root / "data" / "listeblanchemssante.xml"
+    whitelist.write_bytes(mssante_whitelist_xml(entries))
+    port, implicit_port = free_port(), free_port()
+    nil = f"\n            x_mss_nil: {x_mss_nil}" if x_mss_nil is not None else ""
+    text = textwrap.dedent(f"""\
+        version: 1
+        gateway:
+          hostname: passerelle.test
+          listen:
+            - {{address: 127.0.0.1, port: {port}, tls: starttls, client_certificate: optional}}
+            - {{address: 127.0.0.1, port: {implicit_port}, tls: implicit, client_certificate: optional}}
+          tls: {{certificate: pki/gateway.pem, key: pki/gateway.key}}
+          spool: {{path: var/spool}}
+          audit: {{path: var/audit}}
+          max_message_size: 1MiB
+          retry: {{schedule: {retry}, give_up_after: {give_up}}}
+        trust:
+          anchors: [pki/ca.pem]
+          crls: [pki/root.crl, pki/organisations.crl]
+          mssante_whitelist: data/listeblanchemssante.xml
+        networks:
+          mssante:
+            adapter: mime
+            domains: ["*.mssante-test.fr"]
+            peers: {{whitelist: mssante}}
+            relay: {{host: 127.0.0.1, port: {sinks["mssante"].port}, tls: required, whitelist: mssante}}{nil}
+          autre:
+            adapter: mime
+            domains: ["*.autre-mssante-test.fr"]
+            peers: {{whitelist: mssante}}
+            relay: {{host: 127.0.0.1, port: {sinks["revokedhop"].port}, tls: required, whitelist: mssante}}
+          clinic:
+            adapter: mime
+            domains: [clinique-test.fr]
+            peers: {{addresses: [127.0.0.1]}}
+            relay: {{host: 127.0.0.1, port: {sinks["clinic"].port}, tls: opportunistic}}
+        routes:
+          - {{from: mssante, to: [clinic]}}
+          - {{from: autre, to: [clinic]}}
+          - {{from: clinic, to: [mssante, autre]}}
+        """)
+    config = root / "routing.yaml"
+    config.write_text(text)
+    return MssanteWorld(root, pki, gateway_cert, listed, operators["unlisted"], sinks, port,
+                        implicit_port, config, operators=operators, whitelist=whitelist,
+                        listed=entries)

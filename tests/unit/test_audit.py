@@ -114,3 +114,19 @@ def test_search_by_message_id(tmp_path: Path) -> None:
     found = list(search(tmp_path, message_id="<m3@x>"))
     assert [r["queue_id"] for r in found] == ["Q3"]
     assert len(list(search(tmp_path, address="B@CLINIQUE-TEST.FR"))) == 5
+
+
+def test_search_by_address_returns_the_whole_timeline(tmp_path: Path) -> None:
+    now = [T0]
+    audit = trail(tmp_path, now)
+    audit.record("received", queue_id="Q1", sender="a@chu-test.fr",
+                 recipients=["b@clinique-test.fr"])
+    audit.record("received", queue_id="Q2", sender="z@chu-test.fr", recipients=["y@x.fr"])
+    audit.record("unwrapped", queue_id="Q1", verdict="pass")
+    audit.record("bounced", queue_id="Q1", recipient="b@clinique-test.fr", reply="550")
+    audit.record("dsn", queue_id="Q1", dsn_queue_id="Q3", action="failed")
+    audit.record("delivered", queue_id="Q3", recipient="a@chu-test.fr")
+    audit.close()
+    events = [(r["event"], r["queue_id"]) for r in search(tmp_path, address="A@chu-test.fr")]
+    assert events == [("received", "Q1"), ("unwrapped", "Q1"), ("bounced", "Q1"),
+                      ("dsn", "Q1"), ("delivered", "Q3")]

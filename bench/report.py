@@ -1,0 +1,104 @@
+"""BENCHMARKS.md from one `make bench` run (bench/run.py): medians and ratios side by side."""
+
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+NAMES = {"gateway": "Passerelle", "postfix": "Postfix", "filter": "per-message filter"}
+
+
+def _median(runs: Sequence[Any], field: str) -> float:
+    return statistics.median(getattr(r, field) for r in runs) if runs else float("nan")
+
+
+def _cell(results: Sequence[Any], system: str, route: str, size: str, connections: int,
+          recipients: int) -> list[Any]:
+    return [r for r in results if (r.system, r.route, r.size, r.connections, r.recipients)
+            == (system, route, size, connections, recipients)]
+
+
+def write(path: Path, results: Sequence[Any], ceilings: dict[str, float], elapsed: float,
+          runs: int, seconds: float, machine: str) -> None:
+    shapes = sorted({(r.size, r.connections, r.recipients) for r in results},
+                    key=lambda s: (s[0] != "10KiB", s[1], s[2]))
+    out = [
+        "# Benchmarks",
+        "",
+        f"Measured by `make bench` (bench/run.py) on {dt.date.today().isoformat()}, {machine};",
+        "everything on this one machine over loopback: the load generator, the relay under test",
+        f"and the sink share its cores. {runs} runs per cell, each sending for {seconds:g} s;",
+        "medians shown. The whole run took " + f"{elapsed / 60:.1f} minutes.",
+        "",
+        "- Load generator (`bench/loadgen.py`, the same for every system): N connections, each",
+        "  sending the same message back to back (no pipelining, no TLS).",
+        "- Sink: Postfix's `smtp-sink` (C), the same for every system; every relay talks to it",
+        "  in clear text.",
+        "- **end to end** = messages at the sink / (last message at the sink - first byte sent);",
+        "  **accept** = 250 replies per second seen by the load generator.",
+        "- Passerelle: `gateway serve` (bench/gateway_child.py) with fsync of file and folder",
+        "  before every 250, audit trail on, spool not encrypted.",
+        "- Postfix 3.7 (Debian), private instance, default durability (fsync before 250).",
+        "- per-message filter (bench/filter.py): an SMTP content filter running `openssl cms`",
+        "  and `gpg` as one process per step and per message, relaying before its 250.",
+        "- adapters alone: `gateway.pipeline.prepare` (unwrap + wrap) in a loop, one thread,",
+        "  no SMTP, no disk: the ceiling the crypto allows on one core.",
+        "",
+    ]
+    for route, title, baseline in (
+        ("plain", "Plain relay (mime → mime) against Postfix", "postfix"),
+        ("smime-to-apicrypt", "S/MIME → Apicrypt (OpenPGP) against the per-message filter",
+         "filter"),
+        ("apicrypt-to-smime", "Apicrypt (OpenPGP) → S/MIME against the per-message filter",
+         "filter"),
+    ):
+        out += [f"## {title}", "",
+                f"| size | conn. | rcpt | Passerelle end to end (accept) msg/s | "
+                f"{NAMES[baseline]} end to end (accept) msg/s | ratio end to end |"
+                + (" adapters alone msg/s | Passerelle / adapters |" if baseline == "filter"
+                   else ""),
+                "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if baseline == "filter"
+                                                    else "")]
+        for size, connections, recipients in shapes:
+            ours = _cell(results, "gateway", route, size, connections, recipients)
+            theirs = _cell(results, baseline, route, size, connections, recipients)
+            if not ours:
+                continue
+            rate, accept = _median(ours, "rate"), _median(ours, "accept_rate")
+            base, base_accept = _median(theirs, "rate"), _median(theirs, "accept_rate")
+            drained = "" if all(r.drained for r in ours) else " (not drained)"
+            ratio = f"{rate / base:.2f}×" if theirs and base > 0 else "n/a"
+            row = (f"| {size} | {connections} | {recipients} | {rate:.1f} ({accept:.1f})"
+                   f"{drained} | " + (f"{base:.1f} ({base_accept:.1f})" if theirs else "n/a")
+                   + f" | {ratio} |")
+            if baseline == "filter":
+                ceiling = ceilings.get(f"{route}/{size}/{recipients}")
+                row += (f" {ceiling:.1f} | {rate / ceiling:.0%} |" if ceiling else " n/a | n/a |")
+            out.append(row)
+        out.append("")
+    spool = [r for r in results if r.system == "gateway" and r.spool]
+    if spool:
+        out += ["## Group commit (Passerelle's spool)", "",
+                "Spool counters during each run, summed over the runs of a cell: messages made",
+                "durable (`enqueued`), folder fsyncs (`dir_fsyncs`: the shared fsync of active/",
+                "before the 250s, plus the state rewrites and removals of delivery), file fsyncs.",
+                "",
+                "| route | size | conn. | rcpt | messages | dir fsyncs | dir fsyncs / message "
+                "| file fsyncs / message |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for route in ("plain", "smime-to-apicrypt", "apicrypt-to-smime"):
+            for size, connections, recipients in shapes:
+                cell = [r for r in _cell(results, "gateway", route, size, connections,
+                                         recipients) if r.spool]
+                enqueued = sum(r.spool["enqueued"] for r in cell)
+                if not enqueued:
+                    continue
+                dirs = sum(r.spool["dir_fsyncs"] for r in cell)
+                files = sum(r.spool["file_fsyncs"] for r in cell)
+                out.append(f"| {route} | {size} | {connections} | {recipients} | {enqueued} | "
+                           f"{dirs} | {dirs / enqueued:.2f} | {files / enqueued:.2f} |")
+        out.append("")
+    path.write_text("\n".join(out) + "\n")
