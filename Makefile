@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= routing.yaml
 
-.PHONY: all venv demo run test lint typecheck unit system-deps faults fuzz bench clean
+.PHONY: all venv demo run test lint typecheck unit system-deps faults fuzz bench bench-deps clean
 
 all: test
 
@@ -44,8 +44,25 @@ typecheck: $(STAMP)
 test: $(STAMP) system-deps lint typecheck
 	$(BIN)/pytest -q -p no:cacheprovider
 
+# The long fault runs: 20 SIGKILLs under load (3 in `make test`), every fault scenario.
 faults: $(STAMP) system-deps
-	PASSERELLE_LONG=1 $(BIN)/pytest -q tests/faults
+	PASSERELLE_LONG=1 $(BIN)/pytest -q -p no:cacheprovider -s tests/faults
+
+# The fuzzers with thousands of examples per property (a few dozen in `make test`).
+fuzz: $(STAMP) system-deps
+	HYPOTHESIS_PROFILE=long $(BIN)/pytest -q -p no:cacheprovider tests/fuzz
+
+# Postfix is the plain route's baseline and gives the sink (smtp-sink); installed if missing.
+bench-deps: system-deps
+	@if ! command -v smtp-sink >/dev/null 2>&1; then \
+	  echo "installing: postfix (benchmark baseline and sink)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postfix >/dev/null; \
+	fi
+
+# Every system on the same load and sink, medians and ratios into BENCHMARKS.md (~10 min).
+bench: $(STAMP) bench-deps
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var demo-run

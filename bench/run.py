@@ -24,7 +24,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -176,8 +175,15 @@ def setup_gpg(site: Site) -> None:
                     GATEWAY_PGP], capture_output=True, check=True, timeout=60)
 
 
-def median(runs: list[Run], field: str) -> float:
-    return statistics.median(getattr(r, field) for r in runs)
+def audit_events(site: Path) -> dict[str, int]:
+    """Event counts in the gateway's audit trail: the sink also counts DSNs, so a run is only
+    valid when nothing bounced (every transaction at the sink is then a delivery)."""
+    from gateway.audit import read_records
+
+    counts: dict[str, int] = {}
+    for record in read_records(sorted((site / "var" / "audit").glob("audit-*.jsonl"))):
+        counts[record["event"]] = counts.get(record["event"], 0) + 1
+    return counts
 
 
 def main() -> None:
@@ -252,14 +258,17 @@ def main() -> None:
             postfix.stop(postfix_dir)
         sink.stop()
     elapsed = time.monotonic() - started
+    events = audit_events(work / "site")
+    print(f"gateway audit: {events}", flush=True)
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"Python {platform.python_version()}")
     (ROOT / "bench" / "results.json").write_text(json.dumps(
-        {"runs": [asdict(r) for r in results], "adapters_alone": ceilings,
-         "seconds": elapsed}, indent=1))
+        {"runs": [asdict(r) for r in results], "adapters_alone": ceilings, "events": events,
+         "seconds": elapsed, "repetitions": RUNS, "load_seconds": SECONDS, "machine": machine},
+        indent=1))
     from bench.report import write
 
-    write(ROOT / "BENCHMARKS.md", results, ceilings, elapsed, RUNS, SECONDS,
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}")
+    write(ROOT / "BENCHMARKS.md", results, ceilings, events, elapsed, RUNS, SECONDS, machine)
     shutil.rmtree(work, ignore_errors=True)
     print(f"done in {elapsed:.0f} s; BENCHMARKS.md written", flush=True)
 

@@ -13,6 +13,7 @@ each crypto one with its own certificate or OpenPGP key in the directory.
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import subprocess
 import textwrap
 from dataclasses import dataclass
@@ -70,7 +71,9 @@ def payload(size: int) -> bytes:
 def letter(sender: str, recipient: str, size: int, charset: str = "iso-8859-1") -> bytes:
     return (
         f"From: <{sender}>\r\nTo: <{recipient}>\r\nSubject: Compte rendu\r\n"
-        f"Message-ID: <bench@{sender.split('@')[1]}>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0100\r\n"
+        f"Message-ID: <bench@{sender.split('@')[1]}>\r\n"
+        # Now: an S/MIME signing time far from Date: fails verification (time mismatch).
+        f"Date: {email.utils.formatdate(usegmt=True)}\r\n"
         f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset={charset}\r\n"
         "Content-Transfer-Encoding: 8bit\r\n\r\n"
     ).encode() + payload(size)

@@ -11,6 +11,8 @@ import datetime as dt
 import ipaddress
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives import hashes
+
 import adapters
 from adapters.base import Unwrapped, Verdict
 from gateway.errors import GatewayError
@@ -50,6 +52,17 @@ def _revocation_notes(runtime: Runtime) -> list[str]:
         else:
             notes.append(f"{subject}: no CRL configured, not revocation-checked")
     return notes
+
+
+def _describe_key(runtime: Runtime, fingerprint: str) -> str:
+    """A recipient key fingerprint, with the certificate's subject and expiry when X.509."""
+    wanted = fingerprint.removeprefix("sha256:").lower()
+    for certificate in runtime.keyring.directory.x509:
+        if certificate.fingerprint(hashes.SHA256()).hex() == wanted:
+            expiry = certificate.not_valid_after_utc.strftime("%Y-%m-%d")
+            return (f"certificate {certificate.subject.rfc4514_string()} "
+                    f"(serial {certificate.serial_number:x}, expires {expiry})")
+    return f"OpenPGP key {fingerprint}" if ":" not in fingerprint else fingerprint
 
 
 def explain(
@@ -122,7 +135,7 @@ def explain(
                 out.add("encrypts to", f"MISSING: {refusal.detail} — would bounce "
                         f"({refusal.enhanced})")
             elif recipient in wrapped.recipient_keys:
-                out.add("encrypts to", wrapped.recipient_keys[recipient])
+                out.add("encrypts to", _describe_key(runtime, wrapped.recipient_keys[recipient]))
             else:
                 out.add("encrypts to", "nothing (plain MIME; confidentiality from TLS)")
         relay = network.relay

@@ -242,3 +242,19 @@ async def test_reload_takes_a_new_list_and_keeps_the_last_good_one(mss: Running)
     assert (await mail_from(world, newcomer, "x@e.mssante-test.fr")).startswith("250")
     assert (await mail_from(world, world.operators["unlisted"], "x@a.mssante-test.fr")
             ).startswith("550")
+
+
+async def test_mail_sent_into_mssante_carries_x_mss_nil(
+    mssante_factory: Callable[..., MssanteWorld],
+) -> None:
+    world = mssante_factory(x_mss_nil='"PASSERELLE-TEST-1.0"')
+    async with start(world) as running:
+        data = message(CLINIC, "dr.a@a.mssante-test.fr")
+        await running.send(CLINIC, ["dr.a@a.mssante-test.fr"], data)
+        kept = message(CLINIC, "dr.b@a.mssante-test.fr", extra="X-MSS-NIL: LOGICIEL-SOURCE\r\n")
+        await running.send(CLINIC, ["dr.b@a.mssante-test.fr"], kept)
+        first, second = await world.sinks["mssante"].wait(2)
+        assert first.data.startswith(b"X-MSS-NIL: PASSERELLE-TEST-1.0\r\nReceived: ")
+        assert first.data.endswith(data)
+        # One already set by the sending product stays, alone and untouched.
+        assert second.data.count(b"X-MSS-NIL") == 1 and split_trace(second.data)[1] == kept
