@@ -1,5 +1,5 @@
 """Postfix as the plain route's baseline: a private instance in a scratch directory (see
-/work/shared/notes/postfix-baseline.md), default durability, relaying everything from
+../shared/notes/postfix-baseline.md), default durability, relaying everything from
 127.0.0.0/8 to the benchmark's sink."""
 
 from __future__ import annotations

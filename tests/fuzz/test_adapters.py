@@ -11,7 +11,7 @@ Properties:
   break inside base64).
 
 Seed corpus: tests/vectors/smime (made by openssl), the Thunderbird S/MIME and OpenPGP
-messages in /work/shared/data (read-only), and an Apicrypt message made here by the adapter.
+messages in ../shared/data (read-only), and an Apicrypt message made here by the adapter.
 Mutations touch the body only (after the first blank line): outer headers are not covered by
 any of these signatures, so changing them is not a forgery.
 """
@@ -52,7 +52,7 @@ from tests.fuzz.conftest import FUZZ
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "tests" / "vectors" / "smime"
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 
 pytestmark = pytest.mark.skipif(not VECTORS.is_dir(), reason="vectors missing")

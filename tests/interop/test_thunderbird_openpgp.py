@@ -21,7 +21,7 @@ from tests.support.gpg import Gpg, gpg_available
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "thunderbird-openpgp"
 if not DATA.exists():
-    DATA = Path("/work/shared/data/thunderbird-openpgp")
+    DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "thunderbird-openpgp"
 KEYS = DATA / "keys"
 ALICE_FPR = "EB85BB5FA33A75E15E944E63F231550C4F47E38E"
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.interop
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "thunderbird-smime"
 if not DATA.is_dir():
-    DATA = Path("/work/shared/data/thunderbird-smime")
+    DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "thunderbird-smime"
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 ADAPTER = SmimeAdapter()
 

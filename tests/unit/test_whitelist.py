@@ -62,15 +62,13 @@ def test_small_real_list_loads_as_published() -> None:
 
 
 def test_large_real_list_loads_fast_and_lookups_cost_nothing() -> None:
-    started = time.perf_counter()
+    # Load time is measured in bench/, not asserted here (machines are noisy).
     whitelist = load_whitelist(LARGE)
-    elapsed = time.perf_counter() - started
     # 6,554 entries (SOURCE.md); one names `sessad@ase.ditepbeziers.mssante.fr`, which is not a
     # domain: it is skipped and reported rather than guessed at.
     assert len(whitelist) == 6553
     [problem] = whitelist.problems
     assert "sessad@ase.ditepbeziers.mssante.fr" in problem
-    assert elapsed < 5.0, elapsed  # about 0.3 s on a laptop
     # 392 distinct DN strings; some differ only in insignificant spaces (RFC 4518).
     assert len(whitelist.by_operator) <= 392
     dn = parse_dn(DEDALUS)
