@@ -19,7 +19,17 @@ Codecs (`codec` option):
 Options: codec, version, programs {apicrypt, apiuncrypt, apicryptpj, apiuncryptpj: path},
 user, key_directory, timeout (seconds).
 
-Untrusted input: the received message in `unwrap`; the inner content in `wrap`.
+What counts as encrypted or signed: a message is unwrapped only when every part is a block
+(the text block, `.apz` attachments); every part then comes out of a decryption, and the
+signature verdict passes only when every block is signed. Blocks beside a part in clear
+(EFAIL-style wrapping) are not decrypted: the message is left as it arrived, neither
+encrypted nor signed. A text block or `.apz` attachment that is not a pure encrypted OpenPGP
+message (literal, compressed or signed data, or encrypted data with packets appended) is
+refused by `adapters.pgpkeys.decrypt`, never taken as encrypted.
+
+Untrusted input: the received message in `unwrap`; the inner content in `wrap`. MIME nesting
+deeper than `_MAX_NESTING` is refused: splitting each level rescans its body, so depth
+multiplies the cost.
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ from adapters.pgpkeys import (
     signature_verdict,
 )
 from adapters.pgpmime import canonical_crlf, new_boundary, outer_fields, whole_armored
+from adapters.pgppackets import has_encryption_packets
 from gateway.errors import GatewayError, PermanentFailure, Reason
 
 __all__ = ["ApicryptAdapter", "ApicryptCodec"]
@@ -61,6 +72,7 @@ __all__ = ["ApicryptAdapter", "ApicryptCodec"]
 _KNOWN = {"codec", "version", "programs", "user", "key_directory", "timeout"}
 _MARKER = b"$APICRYPT"
 _CHARSETS = {1: "iso-8859-1", 2: "utf-8"}
+_MAX_NESTING = 32
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,7 @@ class _OpenPgpCodec:
     def __init__(self, key: NetworkKey, index: KeyIndex, certs: Sequence[CertInfo] = ()) -> None:
         self.key, self.index, self.certs = key, index, list(certs)
         self.checks: list[SignatureCheck] = []
+        self.keys: list[str] = []  # fingerprints of the gateway keys that decrypted blocks
 
     def _seal(self, data: bytes, armor: bool) -> bytes:
         tsk = ps.Tsk.from_bytes(self.key_secret)
@@ -118,6 +131,8 @@ class _OpenPgpCodec:
     def _open(self, data: bytes) -> bytes:
         opened = decrypt(data, self.key, self.index)
         self.checks.append(opened.check)
+        if opened.key not in self.keys:
+            self.keys.append(opened.key)
         return opened.plaintext
 
     def open_text(self, data: bytes) -> bytes:
@@ -163,11 +178,13 @@ def _filename(entity: Entity) -> str | None:
     return entity.content_type()[1].get("name")
 
 
-def _leaves(entity: Entity) -> list[Entity]:
+def _leaves(entity: Entity, depth: int = 0) -> list[Entity]:
     media_type, params = entity.content_type()
     if media_type.startswith("multipart/") and "boundary" in params:
+        if depth >= _MAX_NESTING:
+            raise malformed(f"MIME parts nested more than {_MAX_NESTING} levels deep")
         _, parts, _ = multipart_parts(entity.body, params["boundary"])
-        return [leaf for part in parts for leaf in _leaves(parse_entity(part))]
+        return [leaf for part in parts for leaf in _leaves(parse_entity(part), depth + 1)]
     return [entity]
 
 
@@ -238,12 +255,35 @@ class ApicryptAdapter:
         media_type, params = entity.content_type()
         leaves = _leaves(entity)
         texts = [leaf for leaf in leaves if leaf.content_type()[0] == "text/plain"]
+        first_text = decode_body(texts[0]) if texts else b""
+        v1_text = _MARKER in first_text
+        armored_text = whole_armored(first_text) if texts and not v1_text else None
+        text_block = v1_text or armored_text is not None
+        # With the openpgp codec an inline encrypted text is an Apicrypt text block: read here,
+        # where its octets and the network's charset are kept (HPRIM with bare LF).
+        inline_block = options.codec == "openpgp" and armored_text is not None and (
+            armored_text.kind == "message" and has_encryption_packets(armored_text.block)
+        )
+
+        def is_block(leaf: Entity) -> bool:
+            return (_filename(leaf) or "").lower().endswith(".apz") or (
+                text_block and leaf is texts[0]
+            )
+
         apz = [leaf for leaf in leaves if (_filename(leaf) or "").lower().endswith(".apz")]
-        v1_text = bool(texts) and _MARKER in decode_body(texts[0])
         if (media_type in ("multipart/encrypted", "multipart/signed") and "pgp" in
-                params.get("protocol", "")) or (not apz and not v1_text):
+                params.get("protocol", "")) or not (apz or v1_text or inline_block):
             # PGP/MIME or inline OpenPGP from the same network: as the openpgp adapter does.
             return unwrap_openpgp(raw, context, self.method, self.name)
+        if not all(is_block(leaf) for leaf in leaves):
+            # Blocks beside parts in clear (EFAIL-style wrapping): decrypting would deliver the
+            # plaintext next to content the author never wrote. Left exactly as it arrived,
+            # neither encrypted nor signed, as `openpgp` does with such sub-parts.
+            return Unwrapped(
+                content=raw, signature=Verdict.unsigned(self.method), source_format=self.name,
+                notes=("Apicrypt blocks beside unencrypted parts left as they are "
+                       "(not an encrypted whole)",),
+            )
         codec: ApicryptCodec
         index = key_index(context.directory)
         pgp: _OpenPgpCodec | None = None
@@ -259,24 +299,14 @@ class ApicryptAdapter:
             pgp = _OpenPgpCodec(network_key(context.identity), index)
             codec = pgp
         parts: list[bytes] = []
-        all_encrypted = True
         charset = _CHARSETS.get(options.version, "iso-8859-1")
         for leaf in leaves:
-            body = decode_body(leaf)
             name = _filename(leaf)
             if name and name.lower().endswith(".apz"):
-                parts.append(_attachment_part(name[:-4], codec.open_attachment(body)))
-            elif leaf is (texts[0] if texts else None) and (
-                _MARKER in body or whole_armored(body) is not None
-            ):
-                armored = whole_armored(body)
-                block = armored.block if armored is not None and _MARKER not in body else body
-                parts.append(_text_part(codec.open_text(block), charset))
+                parts.append(_attachment_part(name[:-4], codec.open_attachment(decode_body(leaf))))
             else:
-                all_encrypted = False
-                kept = b"".join(raw_field for n, raw_field in field_blocks(leaf.head)
-                                if n.startswith("content-"))
-                parts.append(kept + b"\r\n" + leaf.body)
+                block = armored_text.block if armored_text is not None else first_text
+                parts.append(_text_part(codec.open_text(block), charset))
         outer = b"".join(raw_field for n, raw_field in field_blocks(entity.head)
                          if not n.startswith("content-") and n != "mime-version")
         # Unwrap has no randomness: the boundary comes from a digest of the parts.
@@ -300,8 +330,8 @@ class ApicryptAdapter:
                               "signature not reported by the external codec")
         return Unwrapped(
             content=content, signature=verdict, source_format=self.name,
-            encrypted=all_encrypted,
-            notes=() if all_encrypted else ("some parts arrived unencrypted",),
+            encrypted=True,  # every part came out of a block the codec decrypted
+            decryption_keys=tuple(pgp.keys) if pgp is not None else (),
         )
 
     # -- wrap ----------------------------------------------------------------------------------

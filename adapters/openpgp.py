@@ -12,6 +12,10 @@ Rules that decide verdicts (see `adapters.pgpkeys.signature_verdict`):
   nothing about the plaintext: it is noted, never reported as the author's signature;
 - inline blocks with unprotected text around them, and encrypted sub-parts of a larger
   message, are left as they are: never counted as an encrypted or signed whole (EFAIL);
+- `encrypted` is claimed only when the whole content came out of a decryption of a pure
+  encrypted message (session-key packets and one integrity-protected container): a
+  `multipart/encrypted` or inline block holding literal, compressed or signed data, or
+  encrypted data with packets appended, is refused (5.7.1), never passed as encrypted;
 - no integrity protection, or a failed integrity check, is a 5.7.7 failure and no plaintext
   comes out.
 
@@ -58,7 +62,7 @@ from adapters.pgpmime import (
     text_entity,
     whole_armored,
 )
-from adapters.pgppackets import PacketError, split_packets
+from adapters.pgppackets import has_encryption_packets
 from gateway.errors import GatewayError, PermanentFailure, Reason
 
 __all__ = [
@@ -70,7 +74,6 @@ _MAX_LAYERS = 8
 _PGP_SIGNATURE = "application/pgp-signature"
 _PGP_ENCRYPTED = "application/pgp-encrypted"
 _SMIME_SIGNATURE = {"application/pkcs7-signature", "application/x-pkcs7-signature"}
-_ENCRYPTED_TAGS = {1, 3, 9, 18, 20}
 
 
 def malformed(detail: str) -> PermanentFailure:
@@ -113,17 +116,6 @@ def _two_parts(entity: Entity, params: Mapping[str, str], what: str) -> list[byt
     return parts
 
 
-def _is_encrypted(block: bytes) -> bool:
-    from adapters.pgpkeys import ps
-
-    try:
-        binary = b"".join(bytes(p) for p in ps.packet.PacketPile.from_bytes(block))
-        tags = {p.tag for p in split_packets(binary)}
-    except (PacketError, Exception):
-        return True  # unreadable: let decryption report it rather than treat it as signed
-    return bool(tags & _ENCRYPTED_TAGS)
-
-
 def peel_openpgp(raw: bytes, key: NetworkKey | None, index: KeyIndex) -> Peeled:
     """Remove every OpenPGP layer of `raw`, outermost first."""
     current = parse_entity(raw)
@@ -164,7 +156,7 @@ def peel_openpgp(raw: bytes, key: NetworkKey | None, index: KeyIndex) -> Peeled:
                 if find_armored(text):
                     peeled.notes.append("partial inline OpenPGP left as is (not a whole)")
                 break
-            if armored.kind == "message" and _is_encrypted(armored.block):
+            if armored.kind == "message" and has_encryption_packets(armored.block):
                 decrypted = decrypt(armored.block, _need(key), index)
                 peeled.checks.clear()
                 peeled.encrypted = True

@@ -12,7 +12,14 @@ stays in this module. What the gateway relies on:
   gossip) are never consulted: the verification store only answers from the directory;
 - pysequoia 0.1.35 cannot verify GnuPG's default signed+encrypted output (compressed), see
   `adapters.pgppackets`: decryption and integrity come from pysequoia, the signatures are then
-  verified by pysequoia over the decrypted packets in a second step.
+  verified by pysequoia over the decrypted packets in a second step;
+- a message counts as encrypted only when its top-level packets are session-key packets and
+  one integrity-protected container, nothing else (`adapters.pgppackets.encrypted_message`):
+  pysequoia would also "decrypt" a plain literal, compressed or signed message, or return the
+  plaintext of encrypted data with unencrypted packets appended;
+- pysequoia 0.1.35 does not read the AEAD packet (tag 20) GnuPG writes with OCB: the session
+  key and the chunked OCB decryption come from `adapters.pgppackets.open_aead`, and the
+  signatures inside go through the same second step.
 
 Where pysequoia draws its own randomness and time: session keys and ECDH ephemerals in
 `encrypt` come from Sequoia's RNG (the library offers no hook), and its policy checks
@@ -34,14 +41,22 @@ import pysequoia as _ps
 
 from adapters.base import Directory, Identity, Verdict
 from adapters.pgppackets import (
+    TAG_AED,
+    EncryptedMessage,
     InnerMessage,
+    IntegrityFailure,
+    NoIntegrity,
+    NotEncrypted,
     PacketError,
     SecretKey,
+    Unsupported,
     build_identity,
+    dearmor,
     detached_signature,
+    encrypted_message,
+    open_aead,
     open_inner,
     read_secret_keys,
-    split_packets,
 )
 from gateway.errors import PermanentFailure, Reason
 
@@ -396,40 +411,96 @@ def _failure(phrase: str, reason: Reason, enhanced: str, detail: str) -> Permane
     return PermanentFailure(phrase, enhanced=enhanced, reason=reason, detail=detail)
 
 
+def _structure(message: bytes) -> EncryptedMessage:
+    """The encrypted message in `message` (armored or binary), or the failure to report."""
+    try:
+        return encrypted_message(dearmor(message))
+    except NoIntegrity as error:  # SED: no integrity protection at all (EFAIL, RFC 9580 §5.7)
+        raise _failure(
+            "The message is encrypted without integrity protection; ask the sender to use a "
+            "current OpenPGP program", Reason.DECRYPTION_FAILED, "5.7.7", f"openpgp: {error}",
+        ) from None
+    except NotEncrypted as error:
+        raise _failure(
+            "The message is presented as encrypted but its OpenPGP data is not, or not all of "
+            "it, encrypted to the gateway; the sender must encrypt the whole message to the "
+            "gateway's key and send it again", Reason.ENCRYPTION_MISSING, "5.7.1",
+            f"openpgp: not an encrypted message: {error}",
+        ) from None
+    except PacketError as error:
+        raise _failure(
+            "The encrypted part of the message is damaged", Reason.DECRYPTION_FAILED,
+            "5.7.5", f"openpgp: unreadable message: {error}",
+        ) from None
+
+
+def _integrity_failure(detail: str) -> PermanentFailure:
+    return _failure(
+        "The encrypted message was altered in transit (integrity check failed)",
+        Reason.DECRYPTION_FAILED, "5.7.7", f"openpgp: {detail}",
+    )
+
+
+def _signatures(inner: InnerMessage, index: KeyIndex, seen: Sequence[str]) -> SignatureCheck:
+    """Second step: the signatures inside the decrypted packets, verified by pysequoia."""
+    if not inner.signatures:
+        return SignatureCheck((), ())
+    store = _Store(index)
+    try:
+        valid = _valid(ps.verify(bytes=inner.signed_message, store=store))
+    except Exception:
+        valid = ()
+    issuers = tuple(store.asked) or tuple(seen)
+    return SignatureCheck(issuers, valid, _algorithm([p.raw for p in inner.signatures]),
+                          unreadable=not issuers and not valid)
+
+
+def _decrypt_aead(structure: EncryptedMessage, key: NetworkKey, index: KeyIndex) -> Decryption:
+    try:
+        opened = open_aead(structure, list(key.secret_keys))
+        plaintext = opened[0].literal if opened is not None else None
+    except IntegrityFailure as error:
+        raise _integrity_failure(str(error)) from None
+    except Unsupported as error:
+        raise _failure(
+            "The message uses an encryption algorithm the gateway does not support; ask the "
+            "sender to encrypt with AES and OCB, or without AEAD", Reason.UNSUPPORTED_ALGORITHM,
+            "5.7.6", f"openpgp: {error}",
+        ) from None
+    except PacketError as error:
+        raise _failure(
+            "The encrypted part of the message is damaged", Reason.DECRYPTION_FAILED,
+            "5.7.5", f"openpgp: decrypted AEAD data unreadable: {error}",
+        ) from None
+    if opened is None or plaintext is None:
+        raise _failure(
+            "The message could not be decrypted with the gateway's key for this network",
+            Reason.DECRYPTION_FAILED, "5.7.5", "openpgp: no session key for the AEAD packet",
+        )
+    inner, used = opened
+    return Decryption(plaintext, used, _signatures(inner, index, ()), inner)
+
+
 def decrypt(message: bytes, key: NetworkKey, index: KeyIndex) -> Decryption:
     """Decrypt an OpenPGP message and check the signatures inside it.
 
-    Raises PermanentFailure: 5.7.5 when the gateway's key is not a recipient or decryption
-    fails, 5.7.7 when the message has no integrity protection or fails its integrity check.
-    No plaintext leaves this function in either case.
+    Raises PermanentFailure: 5.7.1 when the message is not (only) an encrypted message,
+    5.7.5 when the gateway's key is not a recipient or decryption fails, 5.7.6 for an
+    unsupported algorithm, 5.7.7 when the message has no integrity protection or fails its
+    integrity check. No plaintext leaves this function in any of these cases.
     """
-    try:
-        binary = b"".join(bytes(p) for p in ps.packet.PacketPile.from_bytes(message))
-        packets = split_packets(binary)
-    except Exception:
-        try:
-            binary = message
-            packets = split_packets(message)
-        except PacketError as error:
-            raise _failure(
-                "The encrypted part of the message is damaged", Reason.DECRYPTION_FAILED,
-                "5.7.5", f"openpgp: unreadable message: {error}",
-            ) from None
-    tags = {p.tag for p in packets}
-    if 9 in tags:  # SED: no integrity protection at all (EFAIL, RFC 9580 §5.7)
-        raise _failure(
-            "The message is encrypted without integrity protection; ask the sender to use a "
-            "current OpenPGP program", Reason.DECRYPTION_FAILED, "5.7.7",
-            "openpgp: symmetrically encrypted data packet without MDC",
-        )
-    recipients = {p.body[1:9] for p in packets if p.tag == 1 and len(p.body) > 9}
+    structure = _structure(message)
+    recipients = {p.body[1:9] for p in structure.pkesks if len(p.body) > 9}
     ours = {bytes.fromhex(k.fingerprint)[-8:] for k in key.secret_keys}
-    if recipients and not (recipients & ours) and bytes(8) not in recipients:
+    if not recipients or (not (recipients & ours) and bytes(8) not in recipients):
         raise _failure(
             "The message is not encrypted to the gateway's key for this network; ask the "
             "sender to encrypt to the gateway's published key", Reason.NO_DECRYPTION_KEY,
             "5.7.5", "openpgp: no PKESK for the network identity",
         )
+    if structure.container.tag == TAG_AED:
+        return _decrypt_aead(structure, key, index)
+    binary = structure.binary
     plaintext: bytes | None = None
     used = ""
     errors: list[str] = []
@@ -448,10 +519,7 @@ def decrypt(message: bytes, key: NetworkKey, index: KeyIndex) -> Decryption:
         integrity = any(w in text for w in ("manipulat", "mdc", "inflate", "deflate",
                                              "checksum", "decompress", "authentication"))
         if integrity and "no key to decrypt" not in text:
-            raise _failure(
-                "The encrypted message was altered in transit (integrity check failed)",
-                Reason.DECRYPTION_FAILED, "5.7.7", f"openpgp: {'; '.join(errors)}",
-            )
+            raise _integrity_failure("; ".join(errors))
         raise _failure(
             "The message could not be decrypted with the gateway's key for this network",
             Reason.DECRYPTION_FAILED, "5.7.5", f"openpgp: {'; '.join(errors)}",
@@ -464,27 +532,24 @@ def decrypt(message: bytes, key: NetworkKey, index: KeyIndex) -> Decryption:
         ps.decrypt(binary, decryptor, store=recorder)
     except Exception:
         pass  # expected: with no certificates no signature is valid
-    inner: InnerMessage | None = None
     try:
         inner = open_inner(binary, list(key.secret_keys))
-    except (PacketError, ValueError):
-        inner = None
+        literal = inner.literal if inner is not None else None
+    except PacketError as error:
+        # This code opened the container (session key and MDC verified) and found something
+        # other than one literal message: refuse rather than pick a part.
+        raise _failure(
+            "The encrypted part of the message is damaged", Reason.DECRYPTION_FAILED,
+            "5.7.5", f"openpgp: decrypted data unreadable: {error}",
+        ) from None
+    if inner is not None and literal != plaintext:
+        # Two decryptions of one message disagree: believe neither about signatures.
+        raise _failure(
+            "The encrypted part of the message is damaged", Reason.DECRYPTION_FAILED,
+            "5.7.5", "openpgp: pysequoia and the packet reader decrypted different data",
+        )
     if inner is not None:
-        try:
-            literal = inner.literal
-        except (PacketError, IndexError):
-            literal = None
-        if literal != plaintext:
-            # Two decryptions of one message disagree: believe neither about signatures.
-            inner = None
-    if inner is not None and inner.signatures:
-        store = _Store(index)
-        try:
-            valid = _valid(ps.verify(bytes=inner.signed_message, store=store))
-        except Exception:
-            valid = ()
-        issuers = tuple(store.asked) or tuple(recorder.asked)
-        check = SignatureCheck(issuers, valid, _algorithm([p.raw for p in inner.signatures]))
+        check = _signatures(inner, index, recorder.asked)
     elif recorder.asked:
         # Signed, but in a form only pysequoia could open: it did not let the check through.
         check = SignatureCheck(tuple(recorder.asked), ())

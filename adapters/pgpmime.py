@@ -11,7 +11,9 @@ Inline armored text (RFC 9580 §6, §7) is recognised only when the whole body i
 text around a block is unprotected and must never pass as part of a signed or encrypted whole
 (EFAIL-style wrapping, Thunderbird's partial-inline rule).
 
-Untrusted input: every entity handed to the readers here.
+Untrusted input: every entity handed to the readers here. Armor markers are found with
+`bytes.find`, one pass each, never with a backtracking regular expression: a body full of
+BEGIN lines without an END must cost no more than reading it.
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ __all__ = [
     "whole_armored",
 ]
 
-_BLOCK = re.compile(
-    rb"-----BEGIN PGP (MESSAGE|SIGNED MESSAGE)-----.*?-----END PGP (MESSAGE|SIGNATURE)-----",
-    re.DOTALL,
-)
+_BEGIN_MESSAGE = b"-----BEGIN PGP MESSAGE-----"
+_BEGIN_SIGNED = b"-----BEGIN PGP SIGNED MESSAGE-----"
+_BEGIN_SIGNATURE = b"-----BEGIN PGP SIGNATURE-----"
+_END_MESSAGE = b"-----END PGP MESSAGE-----"
+_END_SIGNATURE = b"-----END PGP SIGNATURE-----"
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 # Header fields repeated on the encrypted envelope so that MTAs route it and clients list it;
 # the authoritative copies travel inside, signed.
 ROUTING_FIELDS = (
@@ -52,7 +56,7 @@ TRACE_FIELDS = ("received", "authentication-results")
 
 def canonical_crlf(data: bytes) -> bytes:
     """Every line break as CRLF (RFC 3156 §5 canonical form for signed parts)."""
-    return re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    return _LINE_BREAK.sub(b"\r\n", data)
 
 
 @dataclass(frozen=True)
@@ -61,25 +65,42 @@ class ArmoredBody:
     block: bytes
 
 
+def _line_starts(text: bytes, marker: bytes) -> int:
+    """How many lines of `text` begin with `marker` (dash-escaped lines do not)."""
+    return text.startswith(marker) + text.count(b"\n" + marker) + text.count(b"\r" + marker)
+
+
 def whole_armored(text: bytes) -> ArmoredBody | None:
-    """The armored block when it is the entire body (whitespace aside), else None."""
+    """The armored block when it is the entire body (whitespace aside), else None.
+
+    One block only: a second BEGIN or END line inside means text of another block (or none)
+    would ride along with the first.
+    """
     stripped = text.strip(b" \t\r\n")
-    match = _BLOCK.fullmatch(stripped)
-    if match is None:
-        return None
-    begin, end = match.group(1), match.group(2)
-    if begin == b"MESSAGE" and end == b"MESSAGE":
+    if stripped.startswith(_BEGIN_MESSAGE) and stripped.endswith(_END_MESSAGE):
+        if _line_starts(stripped, b"-----BEGIN PGP") != 1 or (
+            _line_starts(stripped, b"-----END PGP") != 1
+        ):
+            return None
         return ArmoredBody("message", stripped + b"\n")
-    if begin == b"SIGNED MESSAGE" and end == b"SIGNATURE":
-        if stripped.count(b"-----BEGIN PGP SIGNED MESSAGE-----") != 1:
+    if stripped.startswith(_BEGIN_SIGNED) and stripped.endswith(_END_SIGNATURE):
+        if _line_starts(stripped, b"-----BEGIN PGP") != 2 or (
+            _line_starts(stripped, _BEGIN_SIGNATURE) != 1
+            or _line_starts(stripped, b"-----END PGP") != 1
+        ):
             return None
         return ArmoredBody("cleartext", stripped + b"\n")
     return None
 
 
 def find_armored(text: bytes) -> bool:
-    """True when an armored block appears anywhere in `text` (for audit notes)."""
-    return _BLOCK.search(text) is not None
+    """True when an armored block (a BEGIN line, later an END line) appears anywhere in
+    `text` (for audit notes). Linear: the earliest BEGIN, then one search for an END."""
+    starts = [at for at in (text.find(_BEGIN_MESSAGE), text.find(_BEGIN_SIGNED)) if at >= 0]
+    if not starts:
+        return False
+    first = min(starts)
+    return text.find(_END_MESSAGE, first) >= 0 or text.find(_END_SIGNATURE, first) >= 0
 
 
 def new_boundary(random: Callable[[int], bytes], avoid: bytes, prefix: str) -> bytes:
@@ -91,11 +112,11 @@ def new_boundary(random: Callable[[int], bytes], avoid: bytes, prefix: str) -> b
 
 def outer_fields(head: bytes) -> bytes:
     """The routing header fields of a head, CRLF-terminated, for an envelope."""
-    out = b""
-    for name, raw in field_blocks(head):
-        if name in ROUTING_FIELDS or name in TRACE_FIELDS:
-            out += canonical_crlf(raw.rstrip(b"\r\n")) + b"\r\n"
-    return out
+    return b"".join(
+        canonical_crlf(raw.rstrip(b"\r\n")) + b"\r\n"
+        for name, raw in field_blocks(head)
+        if name in ROUTING_FIELDS or name in TRACE_FIELDS
+    )
 
 
 def signed_entity(to_sign: bytes, signature: bytes, micalg: str, boundary: bytes) -> bytes:

@@ -15,42 +15,72 @@ pysequoia covers most of the gateway's OpenPGP work, but three things it cannot 
   can be verified by pysequoia in a second step. It never decides alone: the caller uses it
   only after pysequoia has decrypted the same message and checked its integrity, and compares
   the literal data both produced.
+- the AEAD encrypted data packet (tag 20, version 1) that GnuPG writes with OCB (LibrePGP,
+  draft-koch-librepgp §5.16; RFC 4880bis-10 §5.16), which pysequoia 0.1.35 does not read.
+  `open_aead` decrypts it chunk by chunk and returns nothing until every chunk's tag and the
+  final tag over the total length have verified. EAX (AEAD algorithm 1) has no primitive in
+  `cryptography` and is refused as unsupported.
 
-Key material and signatures use `cryptography` (Ed25519, X25519, RSA, AES key wrap, AES-CFB).
+What counts as an encrypted message is decided here, on the top-level packets, before any
+decryption: `encrypted_message` accepts only session-key packets (PKESK, SKESK), then exactly
+one integrity-protected container (SEIPD, tag 18, or AEAD, tag 20), and nothing after it
+(RFC 9580 §10.3; marker and padding packets aside). A literal, compressed or signed message,
+or encrypted data with anything appended, is not an encrypted message (EFAIL-style mixing).
+
+Key material and signatures use `cryptography` (Ed25519, X25519, RSA, AES key wrap, AES-CFB,
+AES-OCB3). Armor (RFC 9580 §6) is read by `dearmor`, a single pass over the text.
 Key generation draws randomness from the `random` callable it is given and reads no clock.
 
-Untrusted input: every packet handed to `split_packets`, `open_inner` and `read_secret_keys`
-(messages from peers; secret keys from the operator's key files).
+Untrusted input: every packet handed to `dearmor`, `split_packets`, `encrypted_message`,
+`open_inner`, `open_aead` and `read_secret_keys` (messages from peers; secret keys from the
+operator's key files). Every loop over it is linear in its size, and the number of session-key
+packets and of packets inside the decrypted data is capped.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import bz2
 import hashlib
 import hmac
 import struct
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
 # OpenPGP's CFB lives in the "decrepit" corner of cryptography (43 and later).
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.decrepit.ciphers.modes import CFB as _CFB
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils, x25519
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
 __all__ = [
+    "EncryptedMessage",
     "InnerMessage",
+    "IntegrityFailure",
+    "NoIntegrity",
+    "NotEncrypted",
     "Packet",
     "PacketError",
     "SecretKey",
+    "Unsupported",
     "build_identity",
+    "dearmor",
     "detached_signature",
+    "encrypted_message",
+    "has_encryption_packets",
+    "iter_packets",
+    "open_aead",
     "open_inner",
+    "packet",
     "read_secret_keys",
     "split_packets",
+    "top_level_tags",
 ]
 
 # Packet tags (RFC 9580 §5)
@@ -72,10 +102,52 @@ _AES_KEY_SIZES = {7: 16, 8: 24, 9: 32}
 # far below this, and real mail compresses by a factor well under 64.
 _MAX_INFLATED = 256 * 1024 * 1024
 _MAX_DEPTH = 4
+# A message to a few hundred recipients has a few hundred session-key packets; each one the
+# gateway tries costs a private-key operation, so a flood of them is refused, not tried.
+_MAX_SESSION_KEY_PACKETS = 256
+# Inside the encryption: one-pass signatures, literal data, signatures. A signed message
+# carries a handful; thousands are not mail.
+_MAX_INNER_PACKETS = 256
+
+_AEAD_EAX, _AEAD_OCB = 1, 2
+_AEAD_TAG_SIZE = 16
+_OCB_IV_SIZE = 15
+_MAX_CHUNK_OCTET = 56  # chunk size 2**(c + 6): LibrePGP §5.16 defines c from 0 to 56
+
+_ARMOR_BEGIN = b"-----BEGIN PGP MESSAGE-----"
+_ARMOR_END = b"-----END PGP MESSAGE-----"
+
+_NAMES = {
+    TAG_PKESK: "public-key session key packet", TAG_SIGNATURE: "signature packet",
+    TAG_SKESK: "symmetric session key packet", TAG_OPS: "one-pass signature packet",
+    TAG_COMPRESSED: "compressed data packet", TAG_SED: "unprotected encrypted data packet",
+    TAG_LITERAL: "literal (unencrypted) data packet", TAG_SEIPD: "encrypted data packet",
+    TAG_AED: "AEAD encrypted data packet",
+}
+
+
+def _name(tag: int) -> str:
+    return _NAMES.get(tag, f"packet of type {tag}")
 
 
 class PacketError(ValueError):
     """The octets are not the OpenPGP structure expected (malformed, unsupported, damaged)."""
+
+
+class NotEncrypted(PacketError):
+    """The top-level packets are not (only) an encrypted message."""
+
+
+class NoIntegrity(PacketError):
+    """Symmetrically encrypted data without integrity protection (tag 9, RFC 9580 §5.7)."""
+
+
+class IntegrityFailure(PacketError):
+    """An authentication tag did not verify: the ciphertext was altered, cut or reordered."""
+
+
+class Unsupported(PacketError):
+    """A well-formed packet using an algorithm or version this code does not implement."""
 
 
 @dataclass(frozen=True)
@@ -103,9 +175,9 @@ def _new_length(data: bytes, offset: int) -> tuple[int, int, bool]:
     return 1 << (first & 0x1F), 1, True
 
 
-def split_packets(data: bytes) -> list[Packet]:
-    """The packets of a binary OpenPGP sequence, bodies reassembled from partial lengths."""
-    packets: list[Packet] = []
+def iter_packets(data: bytes) -> Iterator[Packet]:
+    """The packets of a binary OpenPGP sequence, one at a time, bodies reassembled from
+    partial lengths. Lazy, so that a caller refusing the structure stops reading early."""
     offset = 0
     while offset < len(data):
         start = offset
@@ -143,8 +215,124 @@ def split_packets(data: bytes) -> list[Packet]:
                     raise PacketError("truncated packet body")
                 body = data[offset: offset + length]
                 offset += length
-        packets.append(Packet(tag, body, data[start:offset]))
-    return packets
+        yield Packet(tag, body, data[start:offset])
+
+
+def split_packets(data: bytes) -> list[Packet]:
+    """The packets of a binary OpenPGP sequence, bodies reassembled from partial lengths."""
+    return list(iter_packets(data))
+
+
+def dearmor(data: bytes) -> bytes:
+    """The binary packets of an armored OpenPGP message (RFC 9580 §6.2), or `data` if binary.
+
+    Text before the BEGIN line and after the END line is ignored (it is never handed on);
+    the CRC-24 line is ignored as RFC 9580 §6.1 asks: integrity comes from the encryption.
+    """
+    if data[:1] and data[0] & 0x80:
+        return data
+    begin = data.find(_ARMOR_BEGIN)
+    if begin < 0:
+        raise PacketError("no armored OpenPGP message")
+    end = data.find(_ARMOR_END, begin)
+    if end < 0:
+        raise PacketError("armored OpenPGP message without its END line")
+    if data.find(b"-----BEGIN PGP", end) >= 0:
+        raise PacketError("more than one armored block")
+    lines = data[begin + len(_ARMOR_BEGIN): end].split(b"\n")
+    if lines[0].strip():
+        raise PacketError("text after the armor header line")
+    # Armor headers (`Key: Value`) come first; a base64 line never holds a colon.
+    position = 1
+    while position < len(lines) and b":" in lines[position]:
+        position += 1
+    payload: list[bytes] = []
+    checksum_seen = False
+    for line in lines[position:]:
+        line = line.strip()
+        if not line:
+            continue
+        if checksum_seen:
+            raise PacketError("armored data after the checksum line")
+        if line.startswith(b"="):
+            checksum_seen = True
+            continue
+        payload.append(line)
+    try:
+        return base64.b64decode(b"".join(payload), validate=True)
+    except (binascii.Error, ValueError):
+        raise PacketError("armored OpenPGP message is not valid base64") from None
+
+
+def top_level_tags(data: bytes) -> list[int]:
+    """The tags of the top-level packets of an armored or binary message."""
+    return [item.tag for item in iter_packets(dearmor(data))]
+
+
+_ENCRYPTION_TAGS = frozenset({TAG_PKESK, TAG_SKESK, TAG_SED, TAG_SEIPD, TAG_AED})
+
+
+def has_encryption_packets(data: bytes) -> bool:
+    """Whether any top-level packet of a message is about encryption, so that it goes to
+    decryption (which refuses anything but a pure encrypted message) rather than to
+    signature verification. Unreadable data counts: decryption then reports it."""
+    try:
+        return any(tag in _ENCRYPTION_TAGS for tag in top_level_tags(data))
+    except PacketError:
+        return True
+
+
+@dataclass(frozen=True)
+class EncryptedMessage:
+    """A top-level encrypted message: session-key packets, then one integrity-protected
+    container (RFC 9580 §10.3 "Encrypted Message"), nothing after it."""
+
+    session_key_packets: tuple[Packet, ...]
+    container: Packet  # SEIPD (tag 18) or AEAD (tag 20)
+
+    @property
+    def pkesks(self) -> tuple[Packet, ...]:
+        return tuple(p for p in self.session_key_packets if p.tag == TAG_PKESK)
+
+    @property
+    def binary(self) -> bytes:
+        """Exactly the packets accepted (marker and padding packets dropped)."""
+        return b"".join(p.raw for p in self.session_key_packets) + self.container.raw
+
+
+def encrypted_message(binary: bytes) -> EncryptedMessage:
+    """The structure of an encrypted message, or an exception saying why it is not one.
+
+    Raises NoIntegrity for a tag-9 container, NotEncrypted for any other sequence (a literal,
+    compressed or signed message; encrypted data followed by anything; a container with no
+    session-key packet), PacketError when the octets are not packets at all.
+    """
+    session_keys: list[Packet] = []
+    container: Packet | None = None
+    for item in iter_packets(binary):
+        if container is not None:
+            if item.tag == TAG_SED:
+                raise NoIntegrity("unprotected encrypted data packet after the encrypted data")
+            raise NotEncrypted(f"{_name(item.tag)} after the encrypted data")
+        if item.tag in (TAG_PKESK, TAG_SKESK):
+            session_keys.append(item)
+            if len(session_keys) > _MAX_SESSION_KEY_PACKETS:
+                raise PacketError(
+                    f"more than {_MAX_SESSION_KEY_PACKETS} session key packets"
+                )
+        elif item.tag in (TAG_MARKER, TAG_PADDING):
+            continue
+        elif item.tag == TAG_SED:
+            raise NoIntegrity("symmetrically encrypted data packet without MDC")
+        elif item.tag in (TAG_SEIPD, TAG_AED):
+            container = item
+        else:
+            raise NotEncrypted(f"{_name(item.tag)} where encrypted data was expected")
+    if container is None:
+        raise NotEncrypted("no encrypted data packet")
+    if not session_keys:
+        raise NotEncrypted("encrypted data without any session key packet")
+    return EncryptedMessage(tuple(session_keys), container)
 
 
 def packet(tag: int, body: bytes) -> bytes:
@@ -375,9 +563,12 @@ def _session_key_payload(key: SecretKey, reader: _Reader) -> bytes | None:
         if len(ephemeral) != 33 or ephemeral[0] != 0x40:
             return None
         scalar = bytes(reversed(key.secret[0].rjust(32, b"\0")))
-        shared = x25519.X25519PrivateKey.from_private_bytes(scalar).exchange(
-            x25519.X25519PublicKey.from_public_bytes(ephemeral[1:])
-        )
+        try:
+            shared = x25519.X25519PrivateKey.from_private_bytes(scalar).exchange(
+                x25519.X25519PublicKey.from_public_bytes(ephemeral[1:])
+            )
+        except ValueError:  # a low-order point from the sender: no shared secret
+            return None
         hash_id, kek_algo = kdf[1], kdf[2]
         params = (
             bytes([len(oid)]) + oid + bytes([ALGO_ECDH, len(kdf)]) + kdf
@@ -399,8 +590,11 @@ def _session_key_payload(key: SecretKey, reader: _Reader) -> bytes | None:
     return None
 
 
-def _session_keys(pkesks: Iterable[Packet], keys: list[SecretKey]) -> list[tuple[int, bytes]]:
-    found: list[tuple[int, bytes]] = []
+def _session_keys(
+    pkesks: Iterable[Packet], keys: list[SecretKey]
+) -> list[tuple[int, bytes, str]]:
+    """(symmetric algorithm, session key, fingerprint of the key that decrypted it)."""
+    found: list[tuple[int, bytes, str]] = []
     for item in pkesks:
         reader = _Reader(item.body)
         if reader.byte() != 3:
@@ -419,7 +613,7 @@ def _session_keys(pkesks: Iterable[Packet], keys: list[SecretKey]) -> list[tuple
                 continue
             symmetric, session, checksum = payload[0], payload[1:-2], payload[-2:]
             if struct.pack(">H", sum(session) & 0xFFFF) == checksum:
-                found.append((symmetric, session))
+                found.append((symmetric, session, key.fingerprint))
     return found
 
 
@@ -456,7 +650,11 @@ def _inflate(algorithm: int, data: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class InnerMessage:
-    """The packets of a decrypted message, decompressed: what the signatures cover."""
+    """The packets of a decrypted message, decompressed: what the signatures cover.
+
+    Built only by `_inner_message`, which checks the grammar inside the encryption: exactly
+    one literal data packet, otherwise only one-pass signatures and signatures.
+    """
 
     packets: tuple[Packet, ...]
 
@@ -465,8 +663,9 @@ class InnerMessage:
         for item in self.packets:
             if item.tag == TAG_LITERAL:
                 body = item.body
-                name_length = body[1]
-                return body[2 + name_length + 4:]
+                if len(body) < 2 or len(body) < 2 + body[1] + 4:
+                    raise PacketError("truncated literal data packet")
+                return body[2 + body[1] + 4:]
         raise PacketError("no literal data packet")
 
     @property
@@ -479,35 +678,131 @@ class InnerMessage:
         return b"".join(p.raw for p in self.packets)
 
 
-def _flatten(data: bytes, depth: int = 0) -> list[Packet]:
+def _flatten(data: bytes, out: list[Packet], depth: int = 0) -> None:
     if depth > _MAX_DEPTH:
         raise PacketError("too many nested compression layers")
-    out: list[Packet] = []
-    for item in split_packets(data):
+    for item in iter_packets(data):
         if item.tag == TAG_COMPRESSED:
             if not item.body:
                 raise PacketError("empty compressed data packet")
-            out.extend(_flatten(_inflate(item.body[0], item.body[1:]), depth + 1))
+            _flatten(_inflate(item.body[0], item.body[1:]), out, depth + 1)
         elif item.tag in (TAG_MARKER, TAG_PADDING):
             continue
         else:
             out.append(item)
-    return out
+            if len(out) > _MAX_INNER_PACKETS:
+                raise PacketError(f"more than {_MAX_INNER_PACKETS} packets in the encrypted data")
+
+
+def _inner_message(plain: bytes) -> InnerMessage:
+    """The decrypted packets, checked against the message grammar (RFC 9580 §10.3)."""
+    packets: list[Packet] = []
+    _flatten(plain, packets)
+    literals = sum(1 for p in packets if p.tag == TAG_LITERAL)
+    if literals != 1:
+        raise PacketError(f"the encrypted data holds {literals} literal data packets, not one")
+    for item in packets:
+        if item.tag not in (TAG_LITERAL, TAG_OPS, TAG_SIGNATURE):
+            raise PacketError(f"{_name(item.tag)} inside the encrypted data")
+    return InnerMessage(tuple(packets))
 
 
 def open_inner(message: bytes, keys: list[SecretKey]) -> InnerMessage | None:
     """The decrypted packets of a PKESK + SEIPD v1 message, or None if this code cannot open it.
 
-    None covers formats left to pysequoia alone (AEAD packets, SEIPD v2, ciphers other than
-    AES, key types other than RSA and Cv25519): the caller then does not learn the signatures.
+    None covers formats left to pysequoia alone (SEIPD v2, ciphers other than AES, key types
+    other than RSA and Cv25519): the caller then does not learn the signatures. Raises
+    PacketError when the message opens but what it holds is not one literal message.
     """
-    packets = split_packets(message)
-    pkesks = [p for p in packets if p.tag == TAG_PKESK]
-    containers = [p for p in packets if p.tag == TAG_SEIPD]
-    if len(containers) != 1:
+    structure = encrypted_message(message)
+    if structure.container.tag != TAG_SEIPD:
         return None
-    for symmetric, session in _session_keys(pkesks, keys):
-        plain = _open_seipd(containers[0].body, symmetric, session)
+    for symmetric, session, _fingerprint in _session_keys(structure.pkesks, keys):
+        plain = _open_seipd(structure.container.body, symmetric, session)
         if plain is not None:
-            return InnerMessage(tuple(_flatten(plain)))
+            return _inner_message(plain)
+    return None
+
+
+# -- AEAD encrypted data, tag 20 (LibrePGP §5.16, draft-koch-librepgp) ------------------------
+
+def _ocb_nonce(iv: bytes, index: int) -> bytes:
+    # The chunk index, big-endian, is xored into the low-order octets of the 15-octet IV.
+    low = int.from_bytes(iv[-8:], "big") ^ index
+    return iv[:-8] + low.to_bytes(8, "big")
+
+
+def _open_aead_body(body: bytes, symmetric: int, session: bytes) -> bytes:
+    """The plaintext of a v1 AEAD packet body, released only once every tag has verified."""
+    if len(body) < 4:
+        raise IntegrityFailure("truncated AEAD encrypted data packet")
+    version, cipher, mode, chunk_octet = body[0], body[1], body[2], body[3]
+    if version != 1:
+        raise Unsupported(f"AEAD encrypted data packet version {version}")
+    if mode == _AEAD_EAX:
+        raise Unsupported("AEAD algorithm EAX is not supported by this gateway (OCB is)")
+    if mode != _AEAD_OCB:
+        raise Unsupported(f"AEAD algorithm {mode} is not supported")
+    if cipher not in _AES_KEY_SIZES:
+        raise Unsupported(f"symmetric algorithm {cipher} is not supported with AEAD")
+    if chunk_octet > _MAX_CHUNK_OCTET:
+        raise PacketError(f"AEAD chunk size octet {chunk_octet} is out of range")
+    if cipher != symmetric or len(session) != _AES_KEY_SIZES[cipher]:
+        raise IntegrityFailure("session key does not match the AEAD packet's cipher")
+    chunk_size = 1 << (chunk_octet + 6)
+    iv = body[4: 4 + _OCB_IV_SIZE]
+    data = body[4 + _OCB_IV_SIZE:]
+    if len(iv) != _OCB_IV_SIZE or len(data) < _AEAD_TAG_SIZE:
+        raise IntegrityFailure("truncated AEAD encrypted data packet")
+    chunks, final_tag = data[:-_AEAD_TAG_SIZE], data[-_AEAD_TAG_SIZE:]
+    prefix = bytes([0xC0 | TAG_AED, version, cipher, mode, chunk_octet])
+    aead = AESOCB3(session)
+    step = chunk_size + _AEAD_TAG_SIZE
+    plain: list[bytes] = []
+    total = index = offset = 0
+    while offset < len(chunks):
+        piece = chunks[offset: offset + step]
+        offset += len(piece)
+        if len(piece) < _AEAD_TAG_SIZE:
+            raise IntegrityFailure(f"AEAD chunk {index} is truncated")
+        try:
+            opened = aead.decrypt(_ocb_nonce(iv, index), piece, prefix + struct.pack(">Q", index))
+        except InvalidTag:
+            raise IntegrityFailure(f"AEAD chunk {index} failed its authentication") from None
+        plain.append(opened)
+        total += len(opened)
+        index += 1
+    # The final tag authenticates the chunk count and the total length: it detects a cut
+    # after a chunk boundary, or chunks dropped from the end.
+    try:
+        aead.decrypt(_ocb_nonce(iv, index), final_tag,
+                     prefix + struct.pack(">QQ", index, total))
+    except InvalidTag:
+        raise IntegrityFailure("AEAD final authentication tag failed") from None
+    return b"".join(plain)
+
+
+def open_aead(
+    structure: EncryptedMessage, keys: list[SecretKey]
+) -> tuple[InnerMessage, str] | None:
+    """(decrypted packets, fingerprint of the key used) of a PKESK + AEAD (tag 20) message, or
+    None if no session key packet is for one of `keys`.
+
+    Raises IntegrityFailure when a chunk tag or the final tag fails (for every session key
+    found), Unsupported for EAX or a cipher other than AES, PacketError when the decrypted
+    data is not one literal message. No plaintext is returned unless all tags verified.
+    """
+    if structure.container.tag != TAG_AED:
+        raise PacketError("not an AEAD encrypted data packet")
+    failure: IntegrityFailure | None = None
+    for symmetric, session, fingerprint in _session_keys(structure.pkesks, keys):
+        try:
+            plain = _open_aead_body(structure.container.body, symmetric, session)
+        except IntegrityFailure as error:
+            # A wrong key can pass the PKESK's 16-bit checksum: try the other candidates.
+            failure = failure or error
+            continue
+        return _inner_message(plain), fingerprint
+    if failure is not None:
+        raise failure
     return None

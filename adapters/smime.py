@@ -2,7 +2,8 @@
 
     unwrap: decrypt (EnvelopedData / AuthEnvelopedData) with the network's identity, verify
             every signed layer (multipart/signed or opaque signed-data), report the outermost
-            signature as the Verdict, hand on the inner message with the outer RFC 5322 fields
+            signature over the plaintext as the Verdict (a signature over ciphertext only is
+            neutral), hand on the inner message with the outer RFC 5322 fields
     wrap:   sign with the network's identity (multipart/signed by default), keeping the
             author's signed entity inside when the source was S/MIME too, then encrypt once to
             every recipient's validated certificate from the directory
@@ -36,8 +37,9 @@ from adapters.cms.layers import peel
 from adapters.cms.parse import malformed
 from adapters.cms.sign import SignaturePadding, sign_content
 from adapters.cms.trust import TrustProblem, check_certificate, fingerprint
-from adapters.cms.verdict import layer_note, signature_verdict
+from adapters.cms.verdict import layer_note, over_ciphertext, signature_verdict
 from gateway.errors import GatewayError, PermanentFailure, Reason
+from gateway.revocation import revocation_unknown
 
 __all__ = ["SmimeAdapter"]
 
@@ -119,10 +121,28 @@ class SmimeAdapter:
         content_entity = parse_entity(peeled.content)
         from_address = address_of(content_entity.get("from"))
         date_header = content_entity.get("date")
+        # Which signature speaks for the message. Only a signed layer inside every encryption
+        # layer covers the plaintext the destination reads; among those the outermost speaks
+        # (a message re-signed by Dave is Dave's, Thunderbird's rule), inner ones are notes.
+        #
+        # A signed layer around an encryption layer (encrypt-then-sign) covers the ciphertext.
+        # RFC 8551 §3.7: its recipient "cannot determine any relationship between the signer
+        # and the unencrypted contents": anyone who sees Alice's encrypted mail can sign it
+        # as their own without ever reading it. So such a signature is never a pass for the
+        # content: when it verifies the verdict is neutral (signed, but not over what is
+        # delivered; a network that requires signatures refuses it with a DSN saying the
+        # signature covers only the encrypted content); when it does not verify, its failure
+        # is the verdict, as a broken signature is evidence of tampering either way. Its
+        # entity is the ciphertext only this gateway can decrypt: it is never passed on.
+        #
+        # Sign-encrypt-sign (RFC 2634 §1.1 triple wrapping): the inner signature is the
+        # author's over the content and gives the verdict; the outer one vouches for the
+        # encrypted hop and is recorded as a note only.
         verdict = Verdict.unsigned(self.method)
         notes: list[str] = []
         signed_entity: bytes | None = None
-        for index, layer in enumerate(peeled.signed_layers):
+        content_layers = peeled.content_layers
+        for index, layer in enumerate(content_layers):
             layer_verdict = signature_verdict(
                 layer, from_address=from_address, date_header=date_header,
                 trust=context.trust, directory=directory, now=context.now,
@@ -135,6 +155,14 @@ class SmimeAdapter:
                     signed_entity = layer.entity
             else:
                 notes.append(layer_note(layer, layer_verdict))
+        for index, layer in enumerate(peeled.ciphertext_layers):
+            layer_verdict = signature_verdict(
+                layer, from_address=from_address, date_header=date_header,
+                trust=context.trust, directory=directory, now=context.now,
+            )
+            notes.append(layer_note(layer, layer_verdict, covers_content=False))
+            if index == 0 and not content_layers:
+                verdict = over_ciphertext(layer_verdict)
         for opened in peeled.decrypted:
             notes.append(f"decrypted {opened.content_algorithm} with {opened.key_algorithm}")
         identity = context.identity
@@ -168,13 +196,15 @@ class SmimeAdapter:
 
     def _recipient_certificate(
         self, address: str, context: WrapContext
-    ) -> tuple[x509.Certificate | None, str]:
-        """The newest valid certificate for `address`, or None and why."""
+    ) -> tuple[x509.Certificate | None, str, bool]:
+        """The newest valid certificate for `address`, or None, why, and whether the only
+        obstacle is a revocation status the configured CRLs cannot tell now."""
         candidates = context.directory.x509_for(address)
         if not candidates:
-            return None, "no certificate in the directory"
+            return None, "no certificate in the directory", False
         valid: list[x509.Certificate] = []
         problems: list[str] = []
+        unknown = False
         for certificate in candidates:
             try:
                 check_certificate(
@@ -184,11 +214,14 @@ class SmimeAdapter:
                 )
             except TrustProblem as problem:
                 problems.append(problem.phrase)
+                # Revocation is checked last: a certificate refused for it is good otherwise.
+                unknown = unknown or problem.reason is Reason.REVOCATION_UNKNOWN
                 continue
             valid.append(certificate)
         if not valid:
-            return None, "; ".join(sorted(set(problems)))
-        return max(valid, key=lambda c: (c.not_valid_before_utc, c.not_valid_after_utc)), ""
+            return None, "; ".join(sorted(set(problems))), unknown
+        newest = max(valid, key=lambda c: (c.not_valid_before_utc, c.not_valid_after_utc))
+        return newest, "", False
 
     def _wrap(self, message: Unwrapped, context: WrapContext) -> Wrapped:
         options = _Options.of(context.options)
@@ -201,17 +234,28 @@ class SmimeAdapter:
             )
         refused: dict[str, PermanentFailure] = {}
         chosen: dict[str, x509.Certificate] = {}
+        unknown: dict[str, str] = {}
         for address in context.recipients:
-            certificate, why = self._recipient_certificate(address, context)
-            if certificate is None:
+            certificate, why, revocation_unknown_only = self._recipient_certificate(
+                address, context
+            )
+            if certificate is not None:
+                chosen[address] = certificate
+            elif revocation_unknown_only:
+                unknown[address] = why
+            else:
                 refused[address] = PermanentFailure(
                     f"No valid S/MIME certificate is known for {address}; ask the recipient "
                     "for their certificate or add it to the directory",
                     enhanced="5.7.1", reason=Reason.NO_RECIPIENT_KEY,
                     detail=f"{address}: {why}",
                 )
-            else:
-                chosen[address] = certificate
+        if unknown:
+            # A stale or badly signed CRL is the operator's to fix, not the recipient's: the
+            # message waits (never plaintext, never a bounce before the give-up time). The
+            # adapter interface can only refuse a recipient for good, so the whole network's
+            # share waits; after a CRL refresh every recipient is judged again.
+            raise revocation_unknown("; ".join(f"{a}: {why}" for a, why in unknown.items()))
         signer_key = fingerprint(identity.certificate)
         if not chosen:
             return Wrapped(content=b"", refused=refused, signer_key=signer_key)

@@ -8,6 +8,11 @@ signature, encrypted to its own recipients) and its own delivery. A failure that
 whole message (cannot decrypt, required signature missing) fails every recipient; a failure
 that concerns one recipient (no certificate) fails only that one. `prepare` runs in a worker
 thread, never on the event loop.
+
+A failure is temporary when the sender can do nothing about it and the operator can: a stale
+or badly signed CRL (DESIGN.md §10 says refuse; refusing is deferring here, the message waits
+in the queue, is never delivered meanwhile, and is bounced by the queue manager only at the
+retry give-up time). Everything else a verdict says is the sender's to fix: a DSN.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from adapters.base import Unwrapped, Verdict
 from gateway.config import NetworkSettings, Requirements
 from gateway.envelope import Envelope, Recipient
 from gateway.errors import GatewayError, PermanentFailure, Reason
+from gateway.revocation import revocation_unknown
 from gateway.runtime import Runtime
 from gateway.trace import add_trace
 
@@ -35,7 +41,6 @@ _VERDICT_CODES: Mapping[Reason, str] = {
     Reason.SIGNER_MISMATCH: "5.7.5",
     Reason.REVOKED: "5.7.5",
     Reason.EXPIRED: "5.7.5",
-    Reason.REVOCATION_UNKNOWN: "5.7.5",
     Reason.WEAK_ALGORITHM: "5.7.6",
     Reason.UNSUPPORTED_ALGORITHM: "5.7.6",
 }
@@ -59,11 +64,20 @@ class Prepared:
     decryption_keys: tuple[str, ...]
     batches: tuple[Batch, ...]
     failed: Mapping[str, GatewayError]  # recipient address -> why it cannot get the message
+    notes: tuple[str, ...] = ()  # the unwrap's extra facts for the audit (never content)
 
 
 def enforce(network: NetworkSettings, require: Requirements, unwrapped: Unwrapped) -> None:
-    """Refuse what the source network's `require:` does not allow (never fail open)."""
+    """Refuse what the source network's `require:` does not allow (never fail open).
+
+    PermanentFailure for what the sender must fix; TemporaryFailure when the signature could
+    not be judged because a CRL is stale or badly signed (see the module docstring).
+    """
     verdict = unwrapped.signature
+    if require.signature and verdict.failure is Reason.REVOCATION_UNKNOWN:
+        raise revocation_unknown(
+            f"require.signature: signer revocation status unknown ({verdict.reason})"
+        )
     if require.signature and verdict.result != "pass":
         reason = verdict.failure if verdict.result == "fail" and verdict.failure else (
             Reason.SIGNATURE_INVALID if verdict.result == "fail" else Reason.SIGNATURE_MISSING
@@ -159,11 +173,11 @@ def prepare(
     if source is not None and not envelope.generated:
         try:
             enforce(source, source.require, unwrapped)
-        except PermanentFailure as refusal:
+        except GatewayError as refusal:
             # Keep the verdict: the audit trail must say what was found, not only the refusal.
             return Prepared(
                 unwrapped.signature, unwrapped.encrypted, unwrapped.decryption_keys, (),
-                {r.address: refusal for r in recipients},
+                {r.address: refusal for r in recipients}, unwrapped.notes,
             )
 
     by_network: dict[str, list[Recipient]] = {}
@@ -202,4 +216,5 @@ def prepare(
         decryption_keys=unwrapped.decryption_keys,
         batches=tuple(batches),
         failed=failed,
+        notes=unwrapped.notes,
     )

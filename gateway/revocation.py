@@ -5,7 +5,12 @@ Followed: RFC 5280 §6 (path validation, done by cryptography's x509.verificatio
 (CRL checking, done here for every link of the chain: the leaf and each intermediate);
 DESIGN.md §10 "Revocation": a configured CRL that is stale (past nextUpdate, or without one) or
 not signed by the CA it names refuses the certificate; a CA with no configured CRL is not
-revocation-checked (`gateway check` warns about it).
+revocation-checked (`gateway check` warns about it). Refusing for a stale or badly signed CRL
+means deferring (4.7.5, `revocation_unknown`): both are the operator's to fix by installing a
+fresh CRL from the CA, the sender can do nothing about them, and a bounce would lose mail
+over a cron job that did not run. A badly signed CRL is most likely a wrong or corrupted
+download or a CA key rollover not yet in trust.anchors; forging one takes write access to
+the operator's files, and deferring never lets the certificate pass either.
 
 When a configured anchor is an intermediate CA (IGC-Santé operators often list the
 "ORGANISATIONS" CA beside the root), path building stops at it; the chain is then continued
@@ -25,13 +30,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509 import verification
 
-from gateway.errors import Reason
+from gateway.errors import Reason, TemporaryFailure
 
 __all__ = [
     "CertificateProblem",
     "build_path",
     "check_revocation",
     "complete_chain",
+    "revocation_unknown",
     "signed_by",
     "validity_problem",
 ]
@@ -44,6 +50,17 @@ class CertificateProblem(Exception):
         super().__init__(phrase)
         self.reason = reason
         self.phrase = phrase
+
+
+def revocation_unknown(detail: str) -> TemporaryFailure:
+    """The deferral for a certificate whose revocation status the configured CRLs cannot tell
+    (stale or badly signed CRL). The operator fixes it by refreshing the CRL; the message
+    waits in the queue meanwhile and is bounced only at the retry give-up time."""
+    return TemporaryFailure(
+        "The revocation status of a certificate this message depends on cannot be checked "
+        "now; the gateway will try again later",
+        smtp_code=451, enhanced="4.7.5", reason=Reason.REVOCATION_UNKNOWN, detail=detail,
+    )
 
 
 def validity_problem(certificate: x509.Certificate, at: dt.datetime, label: str) -> str | None:
@@ -126,23 +143,45 @@ def complete_chain(
     return out
 
 
+def _on_hold(entry: x509.RevokedCertificate) -> bool:
+    try:
+        reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        return False
+    return reason is x509.ReasonFlags.certificate_hold
+
+
 def check_revocation(
     chain: Sequence[x509.Certificate],
     crls: Sequence[x509.CertificateRevocationList],
     now: dt.datetime,
 ) -> None:
-    """Every link of `chain` (leaf first) against the configured CRLs of its issuer."""
+    """Every link of `chain` (leaf first) against the configured CRLs of its issuer.
+
+    REVOKED when a CRL signed by the issuer lists the certificate, stale or not (a revocation
+    is not undone by the list ageing); otherwise REVOCATION_UNKNOWN when any configured CRL of
+    an issuer in the chain is stale or not signed by it. The unknown case is the operator's to
+    fix (fetch a fresh CRL): callers treat it as temporary, never as a pass and never as a
+    final verdict on the certificate. The whole chain is looked at before answering, so a
+    revoked CA above a stale CRL is still reported as revoked.
+    """
+    unknown: str | None = None
     for child, parent in itertools.pairwise(chain):
         relevant = [crl for crl in crls if crl.issuer == child.issuer]
-        if not relevant:
-            continue  # DESIGN.md §10: a CA with no configured CRL is not revocation-checked
+        # DESIGN.md §10: a CA with no configured CRL is not revocation-checked.
         for crl in relevant:
             if not signed_by(crl, parent):
-                raise CertificateProblem(Reason.REVOCATION_UNKNOWN, "CRL not signed by the issuer")
+                unknown = unknown or "CRL not signed by the issuer"
+                continue
             next_update = crl.next_update_utc
-            if next_update is None or next_update < now:
-                raise CertificateProblem(Reason.REVOCATION_UNKNOWN,
-                                         "CRL is stale (past nextUpdate)")
-            if crl.get_revoked_certificate_by_serial_number(child.serial_number) is not None:
+            stale = next_update is None or next_update < now
+            entry = crl.get_revoked_certificate_by_serial_number(child.serial_number)
+            # A hold (RFC 5280 §5.3.1 certificateHold) may have been released since a stale
+            # list was issued: only then is a listed certificate "unknown" rather than revoked.
+            if entry is not None and not (stale and _on_hold(entry)):
                 which = "certificate" if child is chain[0] else "issuing CA certificate"
                 raise CertificateProblem(Reason.REVOKED, f"{which} revoked")
+            if stale:
+                unknown = unknown or "CRL is stale (past nextUpdate)"
+    if unknown is not None:
+        raise CertificateProblem(Reason.REVOCATION_UNKNOWN, unknown)

@@ -11,6 +11,11 @@ multipart delimiters: the line break before a delimiter belongs to the delimiter
 §3.1.2/§3.1.3 (7-bit transfer encoding and canonical CRLF for signed content).
 
 Untrusted input: every entity handed in (received mail, or the inner content to be signed).
+Everything here is linear in the size of its input, whatever the input looks like: values
+are built from lists of pieces joined once (never `bytes +=` in a loop), lines are read
+lazily up to the end of the header block, MIME nesting is bounded (`MAX_DEPTH`), and a
+Content-Type value longer than `MAX_CONTENT_TYPE` is refused before `email`'s parameter
+parser, which is quadratic in the number of `;`, ever sees it.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ import email.message
 import email.utils
 import quopri
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 __all__ = [
+    "MAX_CONTENT_TYPE",
+    "MAX_DEPTH",
     "Entity",
     "address_of",
     "decode_body",
@@ -35,6 +43,12 @@ __all__ = [
 
 _FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
 _LINE = re.compile(rb"[^\r\n]*(?:\r\n|\n|\r(?!\n)|$)")
+
+# Deeper MIME nesting than this is no mail client's output; each level is scanned once, so the
+# bound keeps 7-bit preparation linear in the size of the message.
+MAX_DEPTH = 64
+# Real Content-Type fields are well under 1 KiB, RFC 2231 continuations included.
+MAX_CONTENT_TYPE = 8192
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,8 @@ class Entity:
         value = self.get("content-type")
         if value is None:
             return "text/plain", {}
+        if len(value) > MAX_CONTENT_TYPE:
+            raise ValueError(f"Content-Type field longer than {MAX_CONTENT_TYPE} characters")
         holder = email.message.Message()
         holder["Content-Type"] = value
         params: dict[str, str] = {}
@@ -70,18 +86,21 @@ class Entity:
         return (self.get("content-transfer-encoding") or "7bit").strip().lower()
 
 
-def _lines(data: bytes) -> list[bytes]:
-    """Lines with their own terminators, so joining them gives `data` back."""
-    out = [m.group(0) for m in _LINE.finditer(data)]
-    if out and out[-1] == b"":
-        out.pop()
-    return out
+def _lines(data: bytes) -> Iterator[bytes]:
+    """Lines with their own terminators, lazily, so joining them gives `data` back."""
+    for match in _LINE.finditer(data):
+        line = match.group(0)
+        if not line:  # the empty match at the very end
+            return
+        yield line
 
 
 def parse_entity(raw: bytes) -> Entity:
     """Split a header block from its body at the first empty line (either line ending)."""
     offset = 0
-    fields: list[tuple[str, bytes]] = []
+    # Each field's value as its pieces (first line, then each continuation line), joined
+    # once at the end: a field folded over a million lines stays linear.
+    fields: list[tuple[str, list[bytes]]] = []
     separator = b""
     for line in _lines(raw):
         stripped = line.rstrip(b"\r\n")
@@ -89,8 +108,7 @@ def parse_entity(raw: bytes) -> Entity:
             separator = line
             break
         if line[:1] in (b" ", b"\t") and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, value + b" " + stripped.strip())
+            fields[-1][1].append(stripped.strip())
         else:
             match = _FIELD_NAME.match(stripped)
             if match is None:
@@ -98,27 +116,28 @@ def parse_entity(raw: bytes) -> Entity:
                 # mail readers do, rather than guess at a header.
                 break
             fields.append((match.group(1).decode("ascii").lower(),
-                           stripped[match.end():].strip()))
+                           [stripped[match.end():].strip()]))
         offset += len(line)
     head = raw[:offset]
     body = raw[offset + len(separator):]
-    decoded = tuple((name, value.decode("utf-8", "replace")) for name, value in fields)
+    decoded = tuple(
+        (name, b" ".join(pieces).decode("utf-8", "replace")) for name, pieces in fields
+    )
     return Entity(head=head, separator=separator, body=body, fields=decoded)
 
 
 def field_blocks(head: bytes) -> list[tuple[str, bytes]]:
     """Each header field of a head as (lower-case name, raw octets with continuation lines)."""
-    blocks: list[tuple[str, bytes]] = []
+    blocks: list[tuple[str, list[bytes]]] = []
     for line in _lines(head):
         if line[:1] in (b" ", b"\t") and blocks:
-            name, raw = blocks[-1]
-            blocks[-1] = (name, raw + line)
+            blocks[-1][1].append(line)
             continue
         match = _FIELD_NAME.match(line)
         if match is None:
             continue
-        blocks.append((match.group(1).decode("ascii").lower(), line))
-    return blocks
+        blocks.append((match.group(1).decode("ascii").lower(), [line]))
+    return [(name, b"".join(lines)) for name, lines in blocks]
 
 
 def multipart_parts(body: bytes, boundary: str) -> tuple[bytes, list[bytes], bytes]:
@@ -209,14 +228,25 @@ def seven_bit(raw: bytes) -> bytes:
     A leaf whose body is not 7-bit clean (8-bit octets, NUL, bare CR or LF, lines over 998
     octets) is re-encoded as base64 from its exact decoded bytes, so what the recipient's
     decoder yields is what the sender wrote. Clean leaves and all structure pass unchanged
-    apart from line breaks made canonical.
+    apart from line breaks made canonical. Raises ValueError for MIME nested deeper than
+    `MAX_DEPTH`.
     """
+    out: list[bytes] = []
+    _seven_bit(raw, out, 0)
+    return b"".join(out)
+
+
+def _seven_bit(raw: bytes, out: list[bytes], depth: int) -> None:
+    """Append the 7-bit form of `raw` to `out` (pieces, joined once by the caller)."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"MIME structure nested deeper than {MAX_DEPTH} levels")
     entity = parse_entity(raw)
     media_type, params = entity.content_type()
     head = _crlf(entity.head)
     if media_type in ("application/pkcs7-mime", "application/x-pkcs7-mime"):
         # Base64 of someone's CMS: only its line breaks may change.
-        return head + b"\r\n" + _crlf(entity.body)
+        out += (head, b"\r\n", _crlf(entity.body))
+        return
     if media_type.startswith("multipart/") and "boundary" in params:
         try:
             preamble, parts, epilogue = multipart_parts(entity.body, params["boundary"])
@@ -225,24 +255,28 @@ def seven_bit(raw: bytes) -> bytes:
             preamble = epilogue = b""
         if parts:
             delimiter = b"--" + params["boundary"].encode("ascii")
-            out = head + b"\r\n" + _crlf(preamble)
+            out += (head, b"\r\n", _crlf(preamble))
             for index, part in enumerate(parts):
-                out += (b"\r\n" if index or preamble else b"") + delimiter + b"\r\n"
+                out += (b"\r\n" if index or preamble else b"", delimiter, b"\r\n")
                 if index == 0 and media_type == "multipart/signed":
                     # Someone's signature covers these octets exactly: re-encoding them
                     # would break it (RFC 8551 §3.1 asks the *signer* to make them 7-bit).
-                    out += part
+                    out.append(part)
                 else:
-                    out += seven_bit(part)
-            return out + b"\r\n" + delimiter + b"--\r\n" + _crlf(epilogue)
+                    _seven_bit(part, out, depth + 1)
+            out += (b"\r\n", delimiter, b"--\r\n", _crlf(epilogue))
+            return
     if media_type == "message/rfc822" and entity.transfer_encoding() in ("7bit", "8bit"):
-        return head + b"\r\n" + seven_bit(entity.body)
+        out += (head, b"\r\n")
+        _seven_bit(entity.body, out, depth + 1)
+        return
     encoding = entity.transfer_encoding()
     if encoding in ("base64", "quoted-printable"):
         # Already a 7-bit encoding: its line breaks are not part of the decoded octets.
-        return head + b"\r\n" + _crlf(entity.body)
+        out += (head, b"\r\n", _crlf(entity.body))
+        return
     if _is_seven_bit_clean(entity.body):
-        return head + b"\r\n" + entity.body
-    return _replace_transfer_encoding(entity.head, b"base64") + b"\r\n" + _base64_lines(
-        entity.body
-    )
+        out += (head, b"\r\n", entity.body)
+        return
+    out += (_replace_transfer_encoding(entity.head, b"base64"), b"\r\n",
+            _base64_lines(entity.body))

@@ -1,8 +1,10 @@
 """From a verified CMS signature to the gateway's Verdict: trust, From:, time.
 
-The outermost signed layer speaks for the message; inner layers are reported as notes only,
-so a message re-signed by Dave is never presented as signed by Alice (Thunderbird's
-VERIFY_HEADER_MISMATCH rule).
+The outermost signed layer over the plaintext speaks for the message; inner layers are
+reported as notes only, so a message re-signed by Dave is never presented as signed by Alice
+(Thunderbird's VERIFY_HEADER_MISMATCH rule). A signature over ciphertext only (encrypt-then-
+sign) is at best neutral: it binds the signer to octets, not to the content (RFC 8551 §3.7);
+adapters/smime.py says why in full.
 
 Followed: RFC 8551 §3.7 and RFC 8550 §3 (the signer's certificate must name the From:
 address, rfc822Name in subjectAltName or emailAddress in the subject, compared without case),
@@ -14,6 +16,7 @@ Untrusted input: the signed layer's certificates and attributes, the From: and D
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import email.utils
 
@@ -25,7 +28,7 @@ from adapters.cms.trust import TrustProblem, check_certificate, fingerprint
 from adapters.cms.verify import SignatureCheck
 from gateway.errors import Reason
 
-__all__ = ["layer_note", "signature_verdict"]
+__all__ = ["layer_note", "over_ciphertext", "signature_verdict"]
 
 METHOD = "smime"
 _TIME_SLACK = dt.timedelta(hours=1)
@@ -98,9 +101,22 @@ def signature_verdict(
     return _verdict("pass", "signature verified", None, check, from_address)
 
 
-def layer_note(layer: SignedLayer, verdict: Verdict) -> str:
-    """One line for the audit about an inner signed layer (never content)."""
+CIPHERTEXT_ONLY = "signature covers only the encrypted content"
+
+
+def over_ciphertext(verdict: Verdict) -> Verdict:
+    """The message's verdict when its only signature covers ciphertext: a failure stays a
+    failure; a signature that verifies is neutral, never a pass for the content."""
+    if verdict.result != "pass":
+        return verdict
+    return dataclasses.replace(verdict, result="neutral", reason=CIPHERTEXT_ONLY)
+
+
+def layer_note(layer: SignedLayer, verdict: Verdict, *, covers_content: bool = True) -> str:
+    """One line for the audit about a signed layer that is not the verdict (never content)."""
+    where = "inner" if covers_content else "over-ciphertext"
     return (
-        f"inner smime layer: {verdict.result} ({verdict.reason}); signer "
+        f"{where} smime layer (encryption depth {layer.depth}): {verdict.result} "
+        f"({verdict.reason}); signer "
         f"{verdict.signer or verdict.signer_subject or 'unknown'}"
     )

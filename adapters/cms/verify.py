@@ -10,6 +10,9 @@ This module answers only "does this signature verify over these octets, and by w
 certificate"; whether the certificate is trusted is `trust.py`'s question.
 
 Untrusted input: the SignedData structure, the certificates it carries, the signed octets.
+The work is linear in their size: the content is hashed once per digest algorithm, each
+SignerInfo's certificate is found through an index, and at most `MAX_SIGNERS` SignerInfos
+are verified.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from adapters.cms.parse import certificate_der, octets, set_der
 from gateway.errors import Reason
 
-__all__ = ["SignatureCheck", "SignedContent", "read_signed_data"]
+__all__ = ["MAX_SIGNERS", "SignatureCheck", "SignedContent", "read_signed_data"]
 
 _DIGESTS: dict[str, type[hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1,
@@ -40,6 +43,9 @@ _DIGESTS: dict[str, type[hashes.HashAlgorithm]] = {
     "sha512": hashes.SHA512,
 }
 _WEAK = {"sha1", "md5", "md2"}
+# Each SignerInfo costs a public-key operation with a key the sender chose; real mail has one
+# or two. More is refused as malformed rather than verified one by one.
+MAX_SIGNERS = 16
 
 
 @dataclass(frozen=True)
@@ -75,26 +81,54 @@ def _as_asn1(certificate: x509.Certificate) -> Any:
     return asn1_x509.Certificate.load(certificate.public_bytes(Encoding.DER))
 
 
-def _find_signer(sid: Any, candidates: Sequence[x509.Certificate]) -> x509.Certificate | None:
+class _Signers:
+    """The candidate signer certificates, indexed so that finding the certificate of each
+    SignerInfo costs the same however many SignerInfos and certificates a message carries
+    (one lookup each, every certificate parsed at most once), rather than their product."""
+
+    def __init__(self, candidates: Sequence[x509.Certificate]) -> None:
+        self._candidates = candidates
+        self._by_serial: dict[int, list[x509.Certificate]] | None = None
+        self._by_issuer: dict[int, dict[str, x509.Certificate]] = {}
+        self._by_ski: dict[bytes, x509.Certificate] | None = None
+
+    def by_issuer_and_serial(self, issuer: Any, serial: int) -> x509.Certificate | None:
+        if self._by_serial is None:
+            self._by_serial = {}
+            for certificate in self._candidates:
+                self._by_serial.setdefault(certificate.serial_number, []).append(certificate)
+        if serial not in self._by_issuer:
+            # asn1crypto's `hashable` is the RFC 5280 §7.1 comparison form of the name; only
+            # the certificates with the wanted serial are parsed, once. The first wins, as
+            # carried certificates come before the directory's.
+            names: dict[str, x509.Certificate] = {}
+            for certificate in self._by_serial.get(serial, ()):
+                key = _as_asn1(certificate)["tbs_certificate"]["issuer"].hashable
+                names.setdefault(key, certificate)
+            self._by_issuer[serial] = names
+        return self._by_issuer[serial].get(issuer.hashable)
+
+    def by_subject_key_identifier(self, wanted: bytes) -> x509.Certificate | None:
+        if self._by_ski is None:
+            self._by_ski = {}
+            for certificate in self._candidates:
+                try:
+                    ski = certificate.extensions.get_extension_for_class(
+                        x509.SubjectKeyIdentifier
+                    )
+                except x509.ExtensionNotFound:
+                    continue
+                self._by_ski.setdefault(ski.value.digest, certificate)
+        return self._by_ski.get(wanted)
+
+
+def _find_signer(sid: Any, candidates: _Signers) -> x509.Certificate | None:
     """RFC 5652 §5.3 SignerIdentifier: issuer and serial number, or subject key identifier."""
     if sid.name == "issuer_and_serial_number":
-        wanted_issuer = sid.chosen["issuer"]
-        wanted_serial = sid.chosen["serial_number"].native
-        for certificate in candidates:
-            if certificate.serial_number != wanted_serial:
-                continue
-            if _as_asn1(certificate)["tbs_certificate"]["issuer"] == wanted_issuer:
-                return certificate
-        return None
-    wanted = bytes(sid.chosen.native)
-    for certificate in candidates:
-        try:
-            ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-        except x509.ExtensionNotFound:
-            continue
-        if hmac.compare_digest(ski.value.digest, wanted):
-            return certificate
-    return None
+        return candidates.by_issuer_and_serial(
+            sid.chosen["issuer"], sid.chosen["serial_number"].native
+        )
+    return candidates.by_subject_key_identifier(bytes(sid.chosen.native))
 
 
 def _attribute(attributes: Any, name: str) -> list[Any]:
@@ -172,8 +206,23 @@ class _Unsupported(Exception):
     pass
 
 
+class _Digests:
+    """The content's digest per algorithm, computed once however many SignerInfos ask."""
+
+    def __init__(self, content: bytes) -> None:
+        self.content = content
+        self._done: dict[str, bytes] = {}
+
+    def of(self, name: str) -> bytes:
+        if name not in self._done:
+            digest = hashes.Hash(_DIGESTS[name]())
+            digest.update(self.content)
+            self._done[name] = digest.finalize()
+        return self._done[name]
+
+
 def _check_signer(
-    signer_info: Any, content: bytes, content_type: str, candidates: Sequence[x509.Certificate]
+    signer_info: Any, content: _Digests, content_type: str, candidates: _Signers
 ) -> SignatureCheck:
     digest_name = signer_info["digest_algorithm"]["algorithm"].native
     certificate = _find_signer(signer_info["sid"], candidates)
@@ -183,9 +232,7 @@ def _check_signer(
     if digest_name not in _DIGESTS:
         reason = Reason.WEAK_ALGORITHM if digest_name in _WEAK else Reason.UNSUPPORTED_ALGORITHM
         return _fail(reason, f"digest {digest_name} not accepted", **known)
-    content_digest = hashes.Hash(_DIGESTS[digest_name]())
-    content_digest.update(content)
-    computed = content_digest.finalize()
+    computed = content.of(digest_name)
     signature = bytes(signer_info["signature"].native)
     attributes = signer_info["signed_attrs"]
     signing_time: dt.datetime | None = None
@@ -205,7 +252,7 @@ def _check_signer(
         signed = set_der(attributes)
         digest_matches = hmac.compare_digest(bytes(digests[0][0]), computed)
     else:
-        signed = content
+        signed = content.content
         digest_matches = True
     try:
         verified, label = _signature_ok(
@@ -248,10 +295,14 @@ def read_signed_data(
         certificate = certificate_der(choice)
         if certificate is not None:
             carried.append(certificate)
-    candidates = [*carried, *extra]
+    signer_infos = signed_data["signer_infos"]
+    if len(signer_infos) > MAX_SIGNERS:
+        raise ValueError(f"SignedData with {len(signer_infos)} SignerInfos")
+    candidates = _Signers([*carried, *extra])
+    digests = _Digests(content)
     checks = tuple(
-        _check_signer(signer_info, content, content_type, candidates)
-        for signer_info in signed_data["signer_infos"]
+        _check_signer(signer_info, digests, content_type, candidates)
+        for signer_info in signer_infos
     )
     if not checks:
         raise ValueError("SignedData without SignerInfo")

@@ -320,3 +320,48 @@ def test_wrap_to_revoked_or_missing_key_is_refused_never_plaintext(peers: Peers)
     wrapped = ADAPTER.wrap(Unwrapped(CONTENT, Verdict.unsigned(), "mime"), context)
     assert wrapped.content == b"" and ALICE in wrapped.refused
     assert "key" in wrapped.refused[ALICE].advice
+    # Alice's gpg-made key, revoked by its own primary key: refused the same way.
+    tsk = pysequoia.Tsk.from_bytes(peers.gpg.export_secret(peers.alice_fpr))
+    public = tsk.extract_certificate()
+    revoked = pysequoia.Cert.from_bytes(bytes(public) + bytes(public.revoke(tsk.certifier())))
+    context = WrapContext(
+        "openpgp-net", Identity("gw", openpgp_secret=peers.gateway_secret), TrustStore(),
+        Directory(openpgp=(str(revoked).encode(),)), NOW, "a@chu.test", (ALICE,),
+    )
+    wrapped = ADAPTER.wrap(Unwrapped(CONTENT, Verdict.unsigned(), "mime"), context)
+    assert wrapped.content == b"" and "revoked" in wrapped.refused[ALICE].detail
+
+
+def test_trap2_gnupg_holding_a_generated_secret_key_reads_and_signs(peers: Peers) -> None:
+    """A correspondent whose key came from `gateway keys generate` uses it in GnuPG 2.2: it
+    decrypts what the gateway sends (SEIPD v1 with MDC, never v2 or AEAD) and signs mail the
+    gateway verifies."""
+    carla = "carla@cabinet.test"
+    secret = generate_identity(f"Carla <{carla}>", created=NOW - timedelta(days=1))
+    public = str(pysequoia.Tsk.from_bytes(secret).extract_certificate()).encode()
+    holder = Gpg()
+    try:
+        holder.import_key(secret)
+        holder.import_key(str(pysequoia.Tsk.from_bytes(peers.gateway_secret)
+                              .extract_certificate()).encode())
+        wrapped = ADAPTER.wrap(Unwrapped(CONTENT, Verdict.unsigned(), "mime"), WrapContext(
+            "openpgp-net", Identity("gw", openpgp_secret=peers.gateway_secret), TrustStore(),
+            Directory(openpgp=(public,)), NOW, "secretariat@chu.test", (carla,),
+        ))
+        outer = parse_entity(wrapped.content)
+        _, parts, _ = multipart_parts(outer.body, outer.content_type()[1]["boundary"])
+        armored = decode_body(parse_entity(parts[1]))
+        tags = [p.tag for p in pysequoia.packet.PacketPile.from_bytes(armored)]
+        assert pysequoia.packet.Tag.SEIP in tags and pysequoia.packet.Tag.AED not in tags
+        decrypted = holder.run("--decrypt", input=armored)
+        assert decrypted.has("DECRYPTION_OKAY") and decrypted.has("GOODMDC"), decrypted.stderr
+        signed_by_carla = holder.run(
+            "--armor", "--sign", "--encrypt", "--recipient", GATEWAY, "--local-user", carla,
+            input=b"Bonjour\n", check=True,
+        ).output
+    finally:
+        holder.close()
+    assert parse_entity(decrypted.output).content_type()[0] == "multipart/signed"
+    unwrapped = ADAPTER.unwrap(message(carla, signed_by_carla), unwrap_context(peers, public))
+    assert unwrapped.encrypted and unwrapped.signature.result == "pass"
+    assert unwrapped.signature.signer == carla

@@ -163,8 +163,11 @@ def test_openssl_signature_over_altered_part_fails(pki: SmimePki, files: dict[st
      "aes256_gcm", "ecdh/sha256"),
     ("dan@medecin.fr", ("-aes128", "-keyopt", "ecdh_kdf_md:sha384"), "aes128_cbc", "ecdh/sha384"),
     ("gw@passerelle.test", ("-aes256", "-keyid"), "aes256_cbc", "rsaes_pkcs1v15"),
+    # BER indefinite lengths and constructed OCTET STRINGs, as NSS streams them.
+    ("gw@passerelle.test", ("-aes256", "-stream"), "aes256_cbc", "rsaes_pkcs1v15"),
+    ("gwec@passerelle.test", ("-aes-256-gcm", "-stream"), "aes256_gcm", "ecdh/sha1"),
 ], ids=["aes128", "aes192", "aes256", "gcm", "gcm128", "oaep-sha1", "oaep-sha256", "ecdh-p256",
-        "ecdh-gcm", "ecdh-p384", "ski-recipient"])
+        "ecdh-gcm", "ecdh-p384", "ski-recipient", "ber-cbc", "ber-gcm-ecdh"])
 def test_openssl_encrypted_mail_decrypts(
     pki: SmimePki, files: dict[str, Path], identity: str, extra: tuple[str, ...],
     algorithm: str, key_algorithm: str,
@@ -181,15 +184,84 @@ def test_openssl_encrypted_mail_decrypts(
     assert out.content.endswith(PART)
 
 
-def test_encrypt_then_sign(pki: SmimePki, files: dict[str, Path]) -> None:
+def encrypt_then_sign(files: dict[str, Path], signer: str = "alice@medecin.fr") -> bytes:
+    """PART encrypted to the gateway by openssl, then signed (opaque) around the ciphertext."""
     encrypted = encrypt(files, files["dir"] / "part.txt", "gw@passerelle.test", "-aes256")
     source = write(files, "encrypted.eml", encrypted.replace(
         b"From: alice@medecin.fr\r\n", b""))
-    raw = sign(files, "alice@medecin.fr", "-nodetach", source=source)
-    out = ADAPTER.unwrap(raw, unwrap_context(pki, me=pki.people["gw@passerelle.test"]))
+    return sign(files, signer, "-nodetach", source=source)
+
+
+def sign_encrypt_sign(files: dict[str, Path], outer_signer: str) -> bytes:
+    """RFC 2634 triple wrapping by openssl: Alice signs PART (multipart/signed), encrypts it
+    to the gateway, then `outer_signer` signs (opaque) around the ciphertext."""
+    signed = write(files, "set-signed.eml", sign(files, "alice@medecin.fr"))
+    encrypted = write(files, "set-encrypted.eml",
+                      encrypt(files, signed, "gw@passerelle.test", "-aes256"))
+    return sign(files, outer_signer, "-nodetach", source=encrypted)
+
+
+def test_encrypt_then_sign_is_neutral_never_a_pass(pki: SmimePki, files: dict[str, Path]) -> None:
+    # The signature covers the ciphertext, not the content (RFC 8551 §3.7): it verifies, but
+    # it is no evidence that Alice wrote what the gateway decrypted.
+    out = ADAPTER.unwrap(encrypt_then_sign(files),
+                         unwrap_context(pki, me=pki.people["gw@passerelle.test"]))
     assert out.encrypted is True
-    assert out.signature.result == "pass" and out.signature.signer == "alice@medecin.fr"
+    assert out.signature.result == "neutral", out.signature
+    assert out.signature.reason == "signature covers only the encrypted content"
+    assert out.signature.failure is None
+    assert out.signed_entity is None  # the ciphertext is never passed on
+    assert any(note.startswith("over-ciphertext smime layer (encryption depth 0): pass")
+               and "alice@medecin.fr" in note for note in out.notes)
     assert out.content.endswith(PART)
+
+
+def test_encrypt_then_sign_wraps_the_content_not_the_ciphertext(
+    pki: SmimePki, files: dict[str, Path]
+) -> None:
+    unwrapped = ADAPTER.unwrap(encrypt_then_sign(files),
+                               unwrap_context(pki, me=pki.people["gw@passerelle.test"]))
+    wrapped = ADAPTER.wrap(unwrapped, wrap_context(
+        pki, pki.people["gw@passerelle.test"], ("bob@medecin.fr",)))
+    inner = open_as(files, wrapped.content, "bob@medecin.fr")
+    # Bob gets the content under the gateway's signature: no CMS blob inside that only the
+    # gateway's key could open.
+    assert b"pkcs7" not in inner.lower()
+    assert decoded_parts(inner) == decoded_parts(PART)
+    assert b"From: alice@medecin.fr" in inner
+
+
+def test_sign_encrypt_sign_is_the_inner_authors_verdict(
+    pki: SmimePki, files: dict[str, Path]
+) -> None:
+    out = ADAPTER.unwrap(sign_encrypt_sign(files, "dan@medecin.fr"),
+                         unwrap_context(pki, me=pki.people["gw@passerelle.test"]))
+    assert out.encrypted is True
+    assert out.signature.result == "pass", out.signature
+    assert out.signature.signer == "alice@medecin.fr"
+    assert out.signed_entity is not None
+    assert out.signed_entity.startswith(b"Content-Type: multipart/signed")
+    # The outer (hop) signature is an audit note only; Dan signed the ciphertext.
+    assert any(note.startswith("over-ciphertext smime layer (encryption depth 0):")
+               and "dan@medecin.fr" in note for note in out.notes)
+    # One From: the one under Alice's signature (every openssl layer carries a copy).
+    assert out.content.count(b"\r\nFrom: ") + out.content.startswith(b"From: ") == 1
+    assert out.content.endswith(PART)
+
+
+def test_sign_encrypt_sign_keeps_the_authors_signature_for_the_recipient(
+    pki: SmimePki, files: dict[str, Path]
+) -> None:
+    unwrapped = ADAPTER.unwrap(sign_encrypt_sign(files, "alice@medecin.fr"),
+                               unwrap_context(pki, me=pki.people["gw@passerelle.test"]))
+    assert unwrapped.signature.result == "pass" and unwrapped.signed_entity
+    wrapped = ADAPTER.wrap(unwrapped, wrap_context(
+        pki, pki.people["gw@passerelle.test"], ("bob@medecin.fr",)))
+    inner = open_as(files, wrapped.content, "bob@medecin.fr")
+    assert b"application/pkcs7-mime" not in inner  # no envelope only the gateway can open
+    assert b"multipart/signed" in inner and b"From: alice@medecin.fr" in inner
+    author = write(files, "set-author.eml", inner)
+    assert openssl("cms", "-verify", "-in", author, "-CAfile", files["ca"]) == PART
 
 
 def test_unsigned_encrypted_mail_is_encrypted_without_signature(
@@ -267,14 +339,14 @@ def open_as(files: dict[str, Path], wrapped: bytes, recipient: str) -> bytes:
 def test_wrapped_mail_opens_with_each_recipients_key(
     pki: SmimePki, files: dict[str, Path], options: dict[str, object], gateway: str
 ) -> None:
-    recipients = ("bob@medecin.fr", "carol@medecin.fr", "nobody@medecin.fr")
+    recipients = ("bob@medecin.fr", "carol@medecin.fr", "dan@medecin.fr", "nobody@medecin.fr")
     context = wrap_context(pki, pki.people[gateway], recipients, options=options)
     message = Unwrapped(content=HOSPITAL, signature=Verdict.unsigned(), source_format="mime")
     wrapped = ADAPTER.wrap(message, context)
     assert set(wrapped.refused) == {"nobody@medecin.fr"}
     refusal = wrapped.refused["nobody@medecin.fr"]
     assert refusal.reason is Reason.NO_RECIPIENT_KEY and refusal.enhanced == "5.7.1"
-    assert set(wrapped.recipient_keys) == {"bob@medecin.fr", "carol@medecin.fr"}
+    assert set(wrapped.recipient_keys) == {"bob@medecin.fr", "carol@medecin.fr", "dan@medecin.fr"}
     outer = email.message_from_bytes(wrapped.content)
     smime_type = "authEnveloped-data" if options.get("content_encryption") else "enveloped-data"
     assert outer.get_content_type() == "application/pkcs7-mime"
@@ -282,7 +354,8 @@ def test_wrapped_mail_opens_with_each_recipients_key(
     assert outer["From"] == "Service Cardiologie <cardio@chu-test.fr>"
     assert outer["Message-ID"] == "<cr-1@chu-test.fr>"
     assert b"\xc3\xa9chographie" not in wrapped.content and b"chographie" not in wrapped.content
-    for recipient in ("bob@medecin.fr", "carol@medecin.fr"):
+    # One envelope for all three (RSA, ECDH P-256, ECDH P-384), each opens it with their key.
+    for recipient in ("bob@medecin.fr", "carol@medecin.fr", "dan@medecin.fr"):
         inner = open_as(files, wrapped.content, recipient)
         assert decoded_parts(inner) == decoded_parts(HOSPITAL)
         assert inner.startswith(HOSPITAL.split(b"MIME-Version")[0])

@@ -12,11 +12,20 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pysequoia
 import pytest
 
 from adapters.base import Directory, Identity, TrustStore, UnwrapContext, Unwrapped
 from adapters.openpgp import OpenPgpAdapter
+from adapters.pgppackets import _session_keys, read_secret_keys
 from gateway.errors import PermanentFailure, Reason
+from tests.security.test_openpgp_attacks import (
+    CLEAR,
+    IV,
+    aead_packet,
+    aead_vector_packets,
+    literal,
+)
 from tests.support.gpg import Gpg, gpg_available
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "thunderbird-openpgp"
@@ -72,9 +81,9 @@ CASES: list[tuple[str, str, object]] = [
      ("pass", "signature verified", True)),
     ("encrypted-to-alice-as-hidden-recipient.eml", "alice", ("none", "not signed", True)),
     ("rc-openpgp-mdc.eml", "bob", ("none", "not signed", True)),
-    # Sequoia's policy rejects the pre-RFC 9580 AEAD packet (tag 20): refused, never
-    # delivered as if decrypted (expected.tsv: GnuPG decrypts it).
-    ("rc-openpgp-aead.eml", "bob", (Reason.DECRYPTION_FAILED, "5.7.5")),
+    # The LibrePGP AEAD packet (tag 20, OCB, AES-256) that GnuPG writes: pysequoia does not
+    # read it, adapters.pgppackets.open_aead does (expected.tsv: encrypted, integrity-protected).
+    ("rc-openpgp-aead.eml", "bob", ("none", "not signed", True)),
     ("rc-openpgp-nomdc.eml", "bob", (Reason.DECRYPTION_FAILED, "5.7.7")),
     ("rc-openpgp-mdc-tampered.eml", "bob", (Reason.DECRYPTION_FAILED, "5.7.7")),
     ("rc-openpgp-mixed-subpart.eml", "bob", ("none", "not signed", False)),
@@ -149,3 +158,48 @@ def test_gossip_message_uses_protected_headers(
     unwrapped = unwrap(rings, "signed-encrypted-autocrypt-gossip.eml", "alice")
     assert unwrapped.signature.signer == "bob@openpgp.example"
     assert unwrapped.content.count(b"\nSubject:") + unwrapped.content.startswith(b"Subject:") <= 1
+
+
+def test_aead_vector_plaintext_is_what_gnupg_decrypts(
+    rings: dict[str, tuple[bytes, tuple[bytes, ...]]]
+) -> None:
+    """The tag-20 OCB vector: the gateway's plaintext is GnuPG's, byte for byte."""
+    _, packets = aead_vector_packets()
+    gpg = Gpg()
+    try:
+        gpg.import_key(key("bob@openpgp.example-0xfbfcc82a015e7330-secret.asc"))
+        done = gpg.run("--decrypt", input=b"".join(p.raw for p in packets))
+    finally:
+        gpg.close()
+    assert done.returncode == 0 and done.has("DECRYPTION_OKAY"), done.stderr
+    unwrapped = unwrap(rings, "rc-openpgp-aead.eml", "bob")
+    assert unwrapped.encrypted and unwrapped.decryption_keys
+    assert unwrapped.content.endswith(done.output)
+    assert b"Subject: rc aead allow" in unwrapped.content
+
+
+def test_gnupg_decrypts_the_multi_chunk_aead_packets_of_the_tampering_tests() -> None:
+    """The AEAD writer of tests/security/test_openpgp_attacks.py follows the format GnuPG
+    reads: several 64-octet chunks, per-chunk nonces and the final tag, under the session key
+    of the GnuPG-made vector. So its tampered packets test real chunk handling."""
+    bob = key("bob@openpgp.example-0xfbfcc82a015e7330-secret.asc")
+    _, (pkesk, _container) = aead_vector_packets()
+    [(_algorithm, session, _key)] = _session_keys(
+        [pkesk], read_secret_keys(bytes(pysequoia.Tsk.from_bytes(bob)))
+    )
+    message = pkesk.raw + aead_packet(session, literal(CLEAR), 0, IV)
+    gpg = Gpg()
+    try:
+        gpg.import_key(bob)
+        done = gpg.run("--decrypt", input=message)
+        tampered = bytearray(message)
+        tampered[len(pkesk.raw) + 40] ^= 0x01
+        refused = gpg.run("--decrypt", input=bytes(tampered))
+    finally:
+        gpg.close()
+    assert done.returncode == 0 and done.has("DECRYPTION_OKAY"), done.stderr
+    assert done.output == CLEAR
+    # GnuPG 2.2 still prints DECRYPTION_OKAY and GOODMDC after a failed OCB tag: only its exit
+    # status and the checktag line say that the chunk was refused.
+    assert refused.returncode != 0 and "checktag failed" in refused.stderr
+    assert CLEAR not in refused.output

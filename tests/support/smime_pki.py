@@ -21,6 +21,20 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from adapters.base import Directory, Identity, TrustStore, UnwrapContext, WrapContext
+from gateway.config import (
+    AuditSettings,
+    Config,
+    GatewaySettings,
+    NetworkSettings,
+    PeerRule,
+    Requirements,
+    RetrySettings,
+    Route,
+    SpoolSettings,
+    TrustSettings,
+)
+from gateway.pki import KeyRing
+from gateway.runtime import Runtime
 from tests.support.testpki import NOW, Issued, name, root
 
 __all__ = [
@@ -31,6 +45,7 @@ __all__ = [
     "identity",
     "openssl",
     "rsa_key",
+    "smime_runtime",
     "unwrap_context",
     "wrap_context",
 ]
@@ -154,3 +169,37 @@ def wrap_context(
         sender="gw@passerelle.test", recipients=recipients, options=options or {},
         random=fixed_random(),
     )
+
+
+def smime_runtime(
+    pki: SmimePki, gateway: Issued, *, trust: TrustStore, directory: Directory | None = None,
+    require: Requirements | None = None, root: Path = Path("/nonexistent"),
+    retry: RetrySettings | None = None,
+) -> Runtime:
+    """A Runtime without files: hospital (mime, chu-test.fr) <-> medecin (smime, medecin.fr),
+    the gateway's medecin identity `gateway`, and the trust store given (a CRL refresh is a
+    new Runtime with a new TrustStore, as a reload builds)."""
+    networks = {
+        "hospital": NetworkSettings(name="hospital", adapter="mime", domains=("chu-test.fr",),
+                                    peers=PeerRule()),
+        "medecin": NetworkSettings(
+            name="medecin", adapter="smime", domains=("medecin.fr",), peers=PeerRule(),
+            identity="medecin-smime",
+            require=require or Requirements(signature=True, encryption=False),
+        ),
+    }
+    config = Config(
+        path=root / "routing.yaml", version=1,
+        gateway=GatewaySettings(
+            hostname="passerelle.test", listen=(), tls=None,
+            spool=SpoolSettings(root / "spool"), audit=AuditSettings(root / "audit"),
+            metrics=None, retry=retry or RetrySettings(),
+        ),
+        trust=TrustSettings(), keys={}, directory=(), networks=networks,
+        routes=(Route("hospital", ("medecin",)), Route("medecin", ("hospital",))),
+    )
+    keyring = KeyRing(
+        identities={"medecin-smime": identity(gateway, pki)}, trust=trust,
+        directory=directory or pki.directory(*pki.people.values()),
+    )
+    return Runtime(config, keyring)

@@ -219,6 +219,12 @@ def test_external_codec_round_trip(programs: dict[str, str], tmp_path: Path,
                                        options=options))
     assert leaves(unwrapped.content) == [(None, HPRIM), ("cr.pdf", PDF)]
     assert unwrapped.encrypted and unwrapped.signature.result == "neutral"
+    calls = (Path(programs["apicrypt"]).parent / "calls.log").read_text().splitlines()
+    keydir = tmp_path / "keys"
+    for line, program in zip(calls[2:], ("apiuncrypt", "apiuncryptpj"), strict=True):
+        words = line.split()
+        assert words[0] == program and words[1] == "-s" and words[3] == "-o"
+        assert words[5:] == ["-k", str(keydir)]  # no user, no recipients when opening
     assert list((tmp_path / "tmp").iterdir()) == []  # private directories wiped
 
 
@@ -246,3 +252,85 @@ def test_external_missing_program_defers(tmp_path: Path) -> None:
         ADAPTER.unwrap(raw, UnwrapContext("apicrypt", None, TrustStore(), Directory(), NOW,
                                           options=options))
     assert os.path.exists(tmp_path)
+
+
+# -- charsets, line ends, and the other formats an Apicrypt network sends -----------------
+
+def round_trip(keys: dict[str, bytes], message: bytes, version: int) -> tuple[bytes, Unwrapped]:
+    """(what the wire carries, what the doctor's side unwraps) for `message` from a hospital."""
+    wrapped = ADAPTER.wrap(Unwrapped(message, Verdict.unsigned(), "mime"), WrapContext(
+        "apicrypt", Identity("gw", openpgp_secret=keys["gateway"]), TrustStore(),
+        Directory(openpgp=(keys["doctor_pub"],)), NOW, "secretariat@chu.test", (DOCTOR,),
+        options={"codec": "openpgp", "version": version},
+    ))
+    relabelled = wrapped.content.replace(b"<secretariat@chu.test>", b"<gw@passerelle.test>")
+    return wrapped.content, ADAPTER.unwrap(relabelled, UnwrapContext(
+        "apicrypt", Identity("doctor", openpgp_secret=keys["doctor"]), TrustStore(),
+        Directory(openpgp=(keys["gateway_pub"],)), NOW, options={"version": version},
+    ))
+
+
+def test_hprim_with_crlf_line_ends_passes_byte_for_byte(keys: dict[str, bytes]) -> None:
+    crlf = HPRIM.replace(b"\n", b"\r\n")
+    _, unwrapped = round_trip(keys, hospital_message(crlf), 1)
+    assert unwrapped.encrypted and unwrapped.signature.result == "pass"
+    assert leaves(unwrapped.content) == [(None, crlf), ("cr.pdf", PDF)]
+
+
+def test_v1_converts_utf8_text_to_iso_8859_1(keys: dict[str, bytes]) -> None:
+    utf8 = HPRIM.decode("latin-1").encode("utf-8")
+    wire, unwrapped = round_trip(keys, hospital_message(utf8, "utf-8"), 1)
+    assert b"charset=iso-8859-1" in wire
+    assert leaves(unwrapped.content) == [(None, HPRIM), ("cr.pdf", PDF)]
+
+
+def test_v2_carries_utf8_text_unchanged(keys: dict[str, bytes]) -> None:
+    text = "Résultats: créatinine 80 µmol/l, Ω noté\n".encode()
+    wire, unwrapped = round_trip(keys, hospital_message(text, "utf-8"), 2)
+    assert b"charset=utf-8" in wire and b"charset=iso-8859-1" not in wire
+    assert unwrapped.encrypted
+    assert leaves(unwrapped.content) == [(None, text), ("cr.pdf", PDF)]
+    assert b"charset=utf-8" in unwrapped.content
+
+
+def sealed_by_doctor(keys: dict[str, bytes], data: bytes) -> bytes:
+    gateway = pysequoia.Cert.from_bytes(keys["gateway_pub"])
+    signer = pysequoia.Tsk.from_bytes(keys["doctor"]).signer()
+    made = pysequoia.encrypt(data, [gateway], signer=signer, armor=True)
+    return made if isinstance(made, bytes) else str(made).encode()
+
+
+def from_doctor(content_type: bytes, body: bytes) -> bytes:
+    return (b"From: <" + DOCTOR.encode() + b">\r\nTo: <patient-file@chu.test>\r\n"
+            b"Subject: Resultats\r\nMIME-Version: 1.0\r\nContent-Type: " + content_type
+            + b"\r\n\r\n" + body)
+
+
+def gateway_side(keys: dict[str, bytes]) -> UnwrapContext:
+    return UnwrapContext("apicrypt", Identity("gw", openpgp_secret=keys["gateway"]),
+                         TrustStore(), Directory(openpgp=(keys["doctor_pub"],)), NOW,
+                         options={"version": 1})
+
+
+def test_pgp_mime_from_the_apicrypt_network_unwraps_as_openpgp(keys: dict[str, bytes]) -> None:
+    inner = b"Content-Type: text/plain; charset=iso-8859-1\r\n\r\n" + HPRIM
+    body = (b"--E\r\nContent-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n\r\n"
+            b"--E\r\nContent-Type: application/octet-stream\r\n\r\n"
+            + sealed_by_doctor(keys, inner) + b"\r\n--E--\r\n")
+    raw = from_doctor(b'multipart/encrypted; protocol="application/pgp-encrypted"; '
+                      b'boundary="E"', body)
+    unwrapped = ADAPTER.unwrap(raw, gateway_side(keys))
+    assert unwrapped.encrypted and unwrapped.source_format == "apicrypt"
+    assert unwrapped.signature.result == "pass" and unwrapped.signature.signer == DOCTOR
+    assert unwrapped.signature.method == "x-apicrypt"
+    assert unwrapped.content.endswith(HPRIM)
+
+
+def test_inline_openpgp_from_the_apicrypt_network_unwraps_as_openpgp(
+    keys: dict[str, bytes],
+) -> None:
+    raw = from_doctor(b"text/plain; charset=us-ascii", sealed_by_doctor(keys, HPRIM))
+    unwrapped = ADAPTER.unwrap(raw, gateway_side(keys))
+    assert unwrapped.encrypted
+    assert unwrapped.signature.result == "pass" and unwrapped.signature.signer == DOCTOR
+    assert leaves(unwrapped.content) == [(None, HPRIM)]

@@ -19,7 +19,7 @@ from adapters.base import (
     WrapContext,
 )
 from adapters.openpgp import OpenPgpAdapter
-from adapters.pgpkeys import generate_identity
+from adapters.pgpkeys import generate_identity, network_key, sign_detached
 from adapters.pgppackets import read_secret_keys
 from gateway.errors import GatewayError, PermanentFailure, Reason
 
@@ -134,3 +134,74 @@ def test_no_identity_means_no_wrap() -> None:
 def test_options() -> None:
     assert ADAPTER.option_problems({}) == []
     assert ADAPTER.option_problems({"micalg": "md5"})
+
+
+# -- the signer's certificate: revoked or expired at `now` is never a pass -------------------
+
+ENTITY = b"Content-Type: text/plain; charset=utf-8\r\n\r\nCompte rendu\r\n"
+
+
+def signed_by(secret: bytes, sender: str, when: datetime) -> bytes:
+    signature = sign_detached(network_key(Identity("sender", openpgp_secret=secret)), ENTITY,
+                              when)
+    return (
+        b"From: <" + sender.encode() + b">\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/signed; micalg=pgp-sha256; '
+        b'protocol="application/pgp-signature"; boundary="S"\r\n\r\n'
+        b"--S\r\n" + ENTITY + b"\r\n--S\r\nContent-Type: application/pgp-signature\r\n\r\n"
+        + signature + b"\r\n--S--\r\n"
+    )
+
+
+def revoked_certificate(secret: bytes) -> bytes:
+    """The public certificate of `secret` with its key revocation signature attached."""
+    tsk = pysequoia.Tsk.from_bytes(secret)
+    public = tsk.extract_certificate()
+    revoked = pysequoia.Cert.from_bytes(bytes(public) + bytes(public.revoke(tsk.certifier())))
+    assert revoked.is_revoked
+    return str(revoked).encode()
+
+
+def verdict_for(raw: bytes, cert: bytes, now: datetime) -> Verdict:
+    return ADAPTER.unwrap(raw, UnwrapContext(
+        "pgp", None, TrustStore(), Directory(openpgp=(cert,)), now)).signature
+
+
+def test_signature_by_a_valid_directory_key_passes() -> None:
+    """The control for the two tests below: same key, same message, nothing wrong."""
+    secret = generate_identity("Bob <b@pgp.test>", created=NOW - timedelta(days=10))
+    cert = str(pysequoia.Tsk.from_bytes(secret).extract_certificate()).encode()
+    verdict = verdict_for(signed_by(secret, "b@pgp.test", NOW), cert, NOW)
+    assert verdict.result == "pass" and verdict.signer == "b@pgp.test"
+
+
+def test_signature_by_a_revoked_key_fails() -> None:
+    secret = generate_identity("Bob <b@pgp.test>", created=NOW - timedelta(days=10))
+    revoked = revoked_certificate(secret)
+    verdict = verdict_for(signed_by(secret, "b@pgp.test", NOW), revoked, NOW)
+    assert (verdict.result, verdict.reason, verdict.failure) == (
+        "fail", "signer key revoked", Reason.REVOKED)
+
+
+def test_signature_by_a_key_expired_at_now_fails() -> None:
+    secret = generate_identity("Bob <b@pgp.test>", created=NOW - timedelta(days=10))
+    tsk = pysequoia.Tsk.from_bytes(secret)
+    expiring = tsk.extract_certificate().set_expiration(NOW + timedelta(days=1), tsk.certifier())
+    raw = signed_by(secret, "b@pgp.test", NOW)  # made while the key was valid
+    cert = str(expiring).encode()
+    assert verdict_for(raw, cert, NOW).result == "pass"
+    verdict = verdict_for(raw, cert, NOW + timedelta(days=2))
+    assert (verdict.result, verdict.reason, verdict.failure) == (
+        "fail", "signer key expired", Reason.EXPIRED)
+
+
+def test_wrap_refuses_revoked_certificate() -> None:
+    revoked = revoked_certificate(generate_identity("Bob <b@pgp.test>", created=NOW))
+    wrapped = ADAPTER.wrap(
+        Unwrapped(CONTENT, Verdict.unsigned(), "mime"),
+        WrapContext("pgp", Identity("gw", openpgp_secret=generate_identity("g <g@x.test>")),
+                    TrustStore(), Directory(openpgp=(revoked,)), NOW,
+                    "a@chu.test", ("b@pgp.test",)),
+    )
+    assert wrapped.content == b"" and "revoked" in wrapped.refused["b@pgp.test"].detail
+    assert wrapped.refused["b@pgp.test"].reason == Reason.NO_RECIPIENT_KEY

@@ -91,6 +91,10 @@ def test_good_clear_signed_passes_and_content_is_the_first_part(pki: SmimePki) -
     assert out.signature.signer == "martin@medecin.fr"
     assert out.signature.algorithm == "sha256WithRSAEncryption"
     assert out.signature.fingerprints and out.signature.signer_serial
+    signer = pki.people["martin@medecin.fr"].certificate
+    assert out.signature.signer_serial == format(signer.serial_number, "x")
+    assert out.signature.signer_subject == signer.subject.rfc4514_string()
+    assert out.signature.signer_issuer == signer.issuer.rfc4514_string()
     assert out.encrypted is False
     assert out.content == HEAD + PART
     assert out.signed_entity is not None and out.signed_entity.startswith(b"Content-Type: multi")
@@ -158,6 +162,47 @@ def test_stale_crl_is_a_failure_not_a_pass(pki: SmimePki) -> None:
                 Reason.REVOCATION_UNKNOWN, "stale")
 
 
+def _crl_holding(pki: SmimePki, serial: int, next_update: dt.datetime) -> TrustStore:
+    """The intermediate's CRL listing `serial` as on hold (RFC 5280 certificateHold)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    entry = (x509.RevokedCertificateBuilder().serial_number(serial)
+             .revocation_date(next_update - dt.timedelta(days=8))
+             .add_extension(x509.CRLReason(x509.ReasonFlags.certificate_hold), critical=False)
+             .build())
+    crl = (x509.CertificateRevocationListBuilder()
+           .issuer_name(pki.intermediate.certificate.subject)
+           .last_update(next_update - dt.timedelta(days=7)).next_update(next_update)
+           .add_revoked_certificate(entry).sign(pki.intermediate.key, hashes.SHA256()))
+    return TrustStore(anchors=(pki.root.certificate,), crls=(crl,))
+
+
+def test_certificate_on_hold_is_revoked_but_unknown_under_a_stale_crl(pki: SmimePki) -> None:
+    signer = pki.people["martin@medecin.fr"]
+    raw = clear_signed(signer)
+    fresh = _crl_holding(pki, signer.certificate.serial_number, NOW + dt.timedelta(days=1))
+    assert_fail(verdict(pki, raw, trust=fresh), Reason.REVOKED, "revoked")
+    # The hold may have been lifted since a stale list was issued: not known, not revoked.
+    old = _crl_holding(pki, signer.certificate.serial_number, NOW - dt.timedelta(days=1))
+    assert_fail(verdict(pki, raw, trust=old), Reason.REVOCATION_UNKNOWN, "stale")
+
+
+def test_revoked_signer_under_a_stale_crl_is_revoked(pki: SmimePki) -> None:
+    victim = pki.person("martin@medecin.fr")
+    pki.intermediate.revoke(victim)
+    try:
+        stale = pki.intermediate.crl(last_update=NOW - dt.timedelta(days=10),
+                                     next_update=NOW - dt.timedelta(days=3))
+    finally:
+        pki.intermediate.revoked.clear()
+    trust = TrustStore(anchors=(pki.root.certificate,), crls=(stale,))
+    try:
+        assert_fail(verdict(pki, clear_signed(victim), trust=trust), Reason.REVOKED, "revoked")
+    finally:
+        pki.person("martin@medecin.fr")
+
+
 def test_badly_signed_crl_is_a_failure(pki: SmimePki) -> None:
     forged = pki.intermediate.crl(signer=root())
     trust = TrustStore(anchors=(pki.root.certificate,), crls=(forged,))
@@ -175,6 +220,15 @@ def test_wrong_extended_key_usage(pki: SmimePki) -> None:
     try:
         assert_fail(verdict(pki, clear_signed(server)), Reason.UNTRUSTED_SIGNER,
                     "not for e-mail protection")
+    finally:
+        pki.person("martin@medecin.fr")
+
+
+def test_signer_key_usage_without_digital_signature(pki: SmimePki) -> None:
+    encipher_only = pki.person("martin@medecin.fr", key_usage="encipherment")
+    try:
+        assert_fail(verdict(pki, clear_signed(encipher_only)), Reason.UNTRUSTED_SIGNER,
+                    "key usage does not allow signing")
     finally:
         pki.person("martin@medecin.fr")
 
