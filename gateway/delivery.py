@@ -14,9 +14,12 @@ TLS towards the next hop, per `relay.tls`:
 - `opportunistic`: STARTTLS when offered, verified when possible. If verification fails the
   gateway reconnects and encrypts without authenticating the next hop (RFC 7435: unauthenticated
   encryption is still better than the clear text this mode would otherwise allow) and logs a
-  warning naming the reason. A handshake that fails outright defers instead of retrying in
-  clear, so that a man in the middle cannot force a downgrade by breaking the handshake. A
-  server that does not offer STARTTLS, or refuses it with a 4xx/5xx reply, gets clear text.
+  warning naming the reason. Clear text only for a next hop whose EHLO does not offer STARTTLS.
+  Once STARTTLS is offered, anything that keeps the session from being encrypted defers the
+  recipients instead of continuing in clear: a refusal (454, or any reply but 220), an
+  unreadable reply, a handshake that fails outright, a next hop that stops offering STARTTLS on
+  the reconnection. Otherwise a man in the middle could force a downgrade just by breaking the
+  handshake or rewriting one reply.
 - `none`: clear text.
 
 The gateway always presents its own certificate as a TLS client (MSSanté operators require it).
@@ -29,6 +32,15 @@ and every step has its own timeout, so a slow next hop only ever holds up its ow
 The message is handed to aiosmtplib as bytes; the library dot-stuffs it and turns any bare CR
 or LF into CRLF. The pipeline hands over CRLF messages, so in practice the bytes arrive
 unchanged, and a stray bare LF cannot end DATA early at the next hop (SMTP smuggling).
+
+Replies (RFC 5321 §4.2, §4.3.2): a recipient counts as delivered only when MAIL FROM got 250,
+its RCPT TO got 250 or 251 (251: the next hop will forward it), and the end of DATA got 250.
+4xx defers, 5xx bounces. Any other reply where a success is expected (252, which answers VRFY
+and EXPN, another 2xx, a 3xx, a code outside 200-599, or a DATA command answered with anything
+but 354) is a next hop out of step with the protocol: the recipients are deferred with the
+reply quoted in their last reply (451 4.5.0), never counted as delivered, and the connection
+is not reused. The transport speaks SMTP only, so the end of DATA has one reply for the whole
+transaction (no LMTP per-recipient replies, RFC 2033).
 
 Untrusted input: the next hop's replies (codes, text, EHLO keywords) and its certificate.
 Reply text is reduced to one printable line before it reaches an outcome, a log or a DSN.
@@ -184,12 +196,14 @@ def _enhanced(code: int, message: str, default_detail: str = "0.0") -> str:
     return f"{klass}.{default_detail}"
 
 
-def _kind(code: int) -> Kind:
-    if 200 <= code < 300:
-        return "delivered"
+def _refusal(code: int) -> Kind | None:
+    """What a 4xx or 5xx reply means for the recipients it answers; None for any other code
+    (a success is decided by the caller, which knows which code the command may succeed with)."""
+    if 400 <= code < 500:
+        return "deferred"
     if 500 <= code < 600:
         return "bounced"
-    return "deferred"  # 4xx, and anything a conforming server would not say
+    return None
 
 
 # -- the transport ----------------------------------------------------------------------------
@@ -452,10 +466,6 @@ class SmtpTransport:
                     "message is sent encrypted without authenticating the next hop",
                     where, untrusted.detail,
                 )
-            except _StartTlsRefused as refused:
-                log.warning("%s refused STARTTLS (%s); relay.tls is opportunistic, sending in "
-                            "clear", where, refused.detail)
-                return _Connection(smtp, relay, False, False, None)
             # The failed handshake left that connection unusable: start again, unverified.
             smtp.close()
             smtp = await self._open(relay, where)
@@ -551,9 +561,17 @@ class SmtpTransport:
                 detail=str(error), enhanced="4.7.5", reason=Reason.NEXT_HOP_UNAVAILABLE,
             ) from error
         except aiosmtplib.SMTPResponseException as error:
-            raise _StartTlsRefused(
-                f"The next hop {where} refused STARTTLS: {error.code} "
-                f"{_reply_text(error.message)}; nothing was sent.",
+            # It offered STARTTLS and then did not start it: whether the next hop is broken or
+            # someone rewrote its reply, continuing in clear would be a downgrade.
+            answer = (
+                f"refused STARTTLS: {error.code} {_reply_text(error.message)}"
+                if 400 <= error.code < 600
+                else "answered STARTTLS with a reply that does not start TLS "
+                f"({error.code} {_reply_text(error.message)})"
+            )
+            raise TemporaryFailure(
+                f"The next hop {where} offered STARTTLS but {answer}; nothing was sent.",
+                detail=f"{where} STARTTLS: {error.code} {error.message}",
                 enhanced="4.7.4", reason=Reason.NEXT_HOP_UNAVAILABLE,
             ) from error
         except (aiosmtplib.SMTPException, OSError) as error:
@@ -574,10 +592,6 @@ class SmtpTransport:
 
 class _Untrusted(TemporaryFailure):
     """Verification of the next hop's certificate failed (opportunistic may fall back)."""
-
-
-class _StartTlsRefused(TemporaryFailure):
-    """STARTTLS was offered but answered with an error (opportunistic continues in clear)."""
 
 
 def _unverified_context() -> ssl.SSLContext:
@@ -649,19 +663,46 @@ class _Transaction:
         self.remote = connection.relay.host
         self.where = f"{connection.relay.host}:{connection.relay.port}"
         self.decided: dict[str, Outcome] = {}
+        self.out_of_step = False  # a reply no conforming server gives: do not reuse
 
     def _ordered(self) -> list[Outcome]:
         return [self.decided[r.address] for r in self.recipients]
 
-    def _decide(self, address: str, code: int, message: str, reason: Reason | None,
-                detail: str = "0.0") -> None:
-        kind = _kind(code)
+    def _delivered(self, address: str, code: int, message: str) -> None:
+        self.decided[address] = Outcome(
+            address, "delivered", code, _enhanced(code, message), _reply_text(message), None,
+            self.remote,
+        )
+
+    def _refused(self, address: str, step: str, code: int, message: str,
+                 detail: str = "0.0") -> None:
+        """`step` did not succeed for `address`: a 4xx defers, a 5xx bounces, and any other
+        reply defers as a protocol error (never a delivery)."""
+        kind = _refusal(code)
+        if kind is None:
+            self.out_of_step = True
+            text = _reply_text(message)
+            self.decided[address] = _from_error(address, TemporaryFailure(
+                f"The next hop {self.where} answered {step} with {code} {text}".rstrip()
+                + ", a reply that neither accepts nor refuses it (RFC 5321 §4.2); nothing was "
+                "delivered and it will be tried again.",
+                detail=f"{self.where} {step}: unexpected reply {code} {text}",
+                enhanced="4.5.0", smtp_code=451, reason=Reason.NEXT_HOP_UNAVAILABLE,
+            ), self.remote)
+            return
         if kind != "bounced":
             detail = "0.0"  # X.1.0 (address status) only for a definite refusal of an address
         self.decided[address] = Outcome(
             address, kind, code, _enhanced(code, message, detail), _reply_text(message),
-            None if kind == "delivered" else reason, self.remote,
+            Reason.DESTINATION_REFUSED, self.remote,
         )
+
+    def _outcomes(self) -> list[Outcome]:
+        if self.out_of_step:
+            # The next hop said something no conforming server says: whatever state it is in,
+            # the next message must not start on this connection.
+            self.smtp.close()
+        return self._ordered()
 
     def _fail_rest(self, error: GatewayError) -> list[Outcome]:
         for recipient in self.recipients:
@@ -715,9 +756,8 @@ class _Transaction:
             if reply.code != 250:
                 for recipient in self.recipients:
                     if recipient.address not in self.decided:
-                        self._decide(recipient.address, reply.code, reply.message,
-                                     Reason.DESTINATION_REFUSED)
-                return self._ordered()
+                        self._refused(recipient.address, step, reply.code, reply.message)
+                return self._outcomes()
 
             step = "RCPT TO"
             accepted: list[str] = []
@@ -733,25 +773,29 @@ class _Transaction:
                     b"RCPT", b"TO:<" + recipient.address.encode(encoding) + b">",
                     *(o.encode("ascii") for o in rcpt_options),
                 )
-                if reply.code in (250, 251):
+                if reply.code in (250, 251):  # RFC 5321 §4.3.2: RCPT's only successes
                     accepted.append(recipient.address)
                 else:
-                    self._decide(recipient.address, reply.code, reply.message,
-                                 Reason.DESTINATION_REFUSED, "1.0")
+                    self._refused(recipient.address, step, reply.code, reply.message, "1.0")
                     if not self.smtp.is_connected:  # 421: the server is closing
                         return self._fail_rest(_lost(self.where, step, _Closed()))
             if not accepted:
-                return self._ordered()
+                return self._outcomes()
 
             step = "DATA"
             try:
+                # Returns only for a 250 after the final dot.
                 reply = await self.smtp.data(self.message, timeout=self.transport.data_timeout)
-                code, text = reply.code, reply.message
             except aiosmtplib.SMTPDataError as refused:
-                code, text = refused.code, refused.message
+                # The reply to DATA itself when it was not 354 (then the message was not sent,
+                # even if that reply was a 250), or the reply after the final dot when it was
+                # not 250: the library does not say which, and neither is a delivery.
+                for address in accepted:
+                    self._refused(address, step, refused.code, refused.message)
+                return self._outcomes()
             for address in accepted:
-                self._decide(address, code, text, Reason.DESTINATION_REFUSED)
-            return self._ordered()
+                self._delivered(address, reply.code, reply.message)
+            return self._outcomes()
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as error:
             self.smtp.close()
             if step == "DATA":

@@ -10,10 +10,21 @@ attempts, and says 250 only once `spool.enqueue` has made the message durable.
   must belong to that network (or be the null sender).
 - RCPT TO: the domain must belong to a network (else 550 5.1.2) and `routes:` must allow
   source → destination (else 550 5.7.1).
-- DATA: only <CRLF>.<CRLF> ends it (aiosmtpd reads CRLF-terminated lines). A bare CR or LF
-  anywhere is refused with 550 5.6.0 rather than normalised: a smuggled `\\n.\\n` then never
-  becomes a second message here nor at a next hop that reads line ends differently. Lines
-  longer than 998 octets are refused (RFC 5321 §4.5.3.1.6).
+- DATA: read here, not by aiosmtpd (`DataReader`), in large chunks and in memory bounded by the
+  size limit plus one line, whatever the peer sends. Only <CRLF>.<CRLF> ends it. A bare CR or
+  LF anywhere is refused with 550 5.6.0 rather than normalised, and so is a NUL (RFC 2045
+  §2.8): a smuggled `\\n.\\n` or `\\r\\n\\0.\\r\\n` then never becomes a second message here
+  nor at a next hop that reads line ends differently or drops NULs. Lines longer than 998
+  octets are refused (RFC 5321 §4.5.3.1.6); dot-stuffing is undone (§4.5.2). Past the size
+  limit the rest is discarded as it arrives and the peer gets 552 5.3.4 after the terminator
+  (RFC 1870 §6); a peer that never sends it is cut off after a bounded amount.
+- The transaction ends with DATA (accepted or not), RSET, HELO/EHLO and STARTTLS (RFC 5321
+  §4.1.4, RFC 3207 §4.2): a RCPT after it needs a new MAIL FROM.
+- 250 only once the message is spooled and its `received` audit record is durable. A failure
+  on the way (spool, audit, a defect) is a 451 4.3.0 and the spooled copy is withdrawn, as it
+  is when the peer leaves before the reply: the peer sends again, and delivering this copy as
+  well would deliver the message twice. No exception reaches the peer as aiosmtpd's generic
+  500; internal details only reach the log and the audit trail.
 """
 
 from __future__ import annotations
@@ -28,38 +39,173 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import DATA_SIZE_DEFAULT, MISSING, SMTP, Session, TLSSetupException, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from cryptography import x509
 
 from gateway.addresses import Path, parse_mail_params, parse_path, parse_rcpt_params
 from gateway.config import Listener
 from gateway.envelope import Envelope, Peer, Recipient
-from gateway.errors import GatewayError, PermanentFailure, Reason
+from gateway.errors import GatewayError, PermanentFailure, Reason, TemporaryFailure
 from gateway.peers import PeerIdentity, PeerTrust, resolve_source
 from gateway.runtime import Runtime
 from gateway.spool import Spool
 
-__all__ = ["Inbound"]
+__all__ = ["DataReader", "Inbound"]
 
 log = logging.getLogger("gateway.inbound")
 
 _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 
+_MAX_LINE = 998  # octets, without the CRLF (RFC 5321 §4.5.3.1.6)
+_TERMINATOR = b"\r\n.\r\n"
+_CHUNK = 64 * 1024
+# A peer still sending this many times the size limit after crossing it is not going to end
+# DATA: it is cut off rather than read until the session timeout.
+_DISCARD_FACTOR = 4
+
+_LOCAL_ERROR = "Requested action aborted: local error in processing, try again later"
+_UNRECORDED = "Requested action aborted: the message could not be recorded here, try again later"
+
 # aiosmtpd's own replies, given the enhanced status codes of RFC 3463 that the rest carry.
 _ENHANCED = {
-    "552 Error: Too much mail data": "552 5.3.4 Message exceeds the maximum size accepted here",
-    "500 Line too long (see RFC5321 4.5.3.1.6)":
-        "500 5.5.2 Line longer than 998 octets (RFC 5321 §4.5.3.1.6); fix the sending software",
     "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
     "503 Error: need RCPT command": "503 5.5.1 Need RCPT command",
     "503 Error: need MAIL command": "503 5.5.1 Need MAIL command",
+    "500 Error: bad syntax": "500 5.5.2 Syntax error",
+    "500 Command line too long": "500 5.5.2 Command line too long",
+    "554 Command refused due to lack of security":
+        "554 5.7.0 Command refused: the TLS handshake did not succeed",
+    "454 TLS not available": "454 4.7.0 TLS not available",
     "221 Bye": "221 2.0.0 Bye",
     "250 OK": "250 2.0.0 OK",
 }
+_UNKNOWN_COMMAND = '500 Error: command "'
 
 Accepted = Callable[[Envelope], None]
+
+
+def _too_large() -> GatewayError:
+    return PermanentFailure("Message exceeds the maximum size accepted here",
+                            smtp_code=552, enhanced="5.3.4", reason=Reason.TOO_LARGE)
+
+
+def _line_too_long() -> GatewayError:
+    return PermanentFailure(
+        "Line longer than 998 octets (RFC 5321 §4.5.3.1.6); fix the sending software",
+        smtp_code=500, enhanced="5.5.2", reason=Reason.MALFORMED,
+    )
+
+
+def _bare_line_end() -> GatewayError:
+    return PermanentFailure(
+        "Message refused: a bare CR or LF was found; only CRLF may end a line "
+        "(RFC 5321 §2.3.8), fix the sending software",
+        smtp_code=550, enhanced="5.6.0", reason=Reason.SMUGGLING,
+    )
+
+
+def _nul() -> GatewayError:
+    return PermanentFailure(
+        "Message refused: a NUL octet was found (RFC 2045 §2.8), fix the sending software",
+        smtp_code=550, enhanced="5.6.0", reason=Reason.SMUGGLING,
+    )
+
+
+class DataReader:
+    """Finds the end of DATA and undoes dot-stuffing, in bounded memory (sans-I/O).
+
+    Fed the octets that follow the 354 reply as they arrive, in chunks cut anywhere. Only
+    <CRLF>.<CRLF> ends DATA; the CRLF of the DATA command counts as the first, so a lone dot
+    at once is an empty message. While the message is within `limit` and well formed, each
+    complete line is checked (no bare CR or LF, no NUL, at most 998 octets), de-stuffed
+    (RFC 5321 §4.5.2) and kept; an unfinished last line waits for its CRLF. From the first
+    fault on nothing more is kept: the rest is only searched for the terminator, with the last
+    four octets carried across chunks, and the fault is the reply once it comes.
+
+    Memory: the message so far (at most `limit`) plus one unfinished line. Time: a few passes
+    of C code (find, split, replace, one regular expression) over each octet.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.received = 0  # octets consumed, up to and including the terminator
+        self.error: GatewayError | None = None
+        self._body = bytearray()
+        self._pending = bytearray()  # the unfinished line, from its first octet
+        self._carry = b""  # once faulted: the last octets seen, for a terminator across chunks
+
+    def feed(self, chunk: bytes) -> int | None:
+        """Consume `chunk`: None while DATA goes on, else the offset in `chunk` just past
+        <CRLF>.<CRLF> (what follows is the peer's next command)."""
+        end = self._keep(chunk) if self.error is None else self._discard(chunk)
+        self.received += len(chunk) if end is None else end
+        return end
+
+    def content(self) -> bytes:
+        """The message as the sender wrote it, once `feed` found the end without `error`."""
+        return bytes(self._body)
+
+    def buffered(self) -> int:
+        """Octets held."""
+        return len(self._body) + len(self._pending) + len(self._carry)
+
+    def _keep(self, chunk: bytes) -> int | None:
+        start = len(self._pending)
+        self._pending += chunk
+        data = self._pending
+        # `data` begins a line, so a lone dot there is the end.
+        if data.startswith(b".\r\n"):
+            self._pending = bytearray()
+            return 3 - start
+        # What was pending holds no CRLF: only its last octet (a CR) can begin one.
+        since = max(0, start - 1)
+        found = data.find(_TERMINATOR, since)
+        if found >= 0:
+            self._lines(data[: found + 2])
+            self._pending = bytearray()
+            return found + len(_TERMINATOR) - start
+        last = data.rfind(b"\r\n", since)
+        if last >= 0:
+            self._lines(data[: last + 2])
+            del data[: last + 2]
+        if self.error is None and len(data) > _MAX_LINE + 1:  # + 1: a CR may await its LF
+            self.error = _line_too_long()
+        if self.error is None and len(self._body) + len(data) > self.limit:
+            self.error = _too_large()
+        if self.error is not None:
+            # The CRLF before `data` (a line end, or the DATA command's) may open the terminator.
+            self._carry = (b"\r\n" + bytes(data[-(len(_TERMINATOR) - 1) :]))[
+                -(len(_TERMINATOR) - 1) :]
+            self._body = bytearray()
+            self._pending = bytearray()
+        return None
+
+    def _lines(self, lines: bytes | bytearray) -> None:
+        """Check and keep complete lines (`lines` begins a line and ends with CRLF)."""
+        if self.error is not None:
+            return
+        if b"\x00" in lines:
+            self.error = _nul()
+        elif _BARE_LINE_END.search(lines):
+            self.error = _bare_line_end()
+        elif len(lines) > _MAX_LINE + 2 and max(map(len, lines.split(b"\r\n"))) > _MAX_LINE:
+            self.error = _line_too_long()
+        else:
+            if lines.startswith(b"."):
+                lines = lines[1:]
+            self._body += lines.replace(b"\r\n.", b"\r\n")
+            if len(self._body) > self.limit:
+                self.error = _too_large()
+
+    def _discard(self, chunk: bytes) -> int | None:
+        window = self._carry + chunk
+        found = window.find(_TERMINATOR)
+        if found >= 0:
+            return found + len(_TERMINATOR) - len(self._carry)
+        self._carry = window[-(len(_TERMINATOR) - 1) :]
+        return None
 
 
 @dataclass
@@ -84,12 +230,16 @@ def message_id(data: bytes) -> str | None:
 
 
 class GatewaySMTP(SMTP):
-    """aiosmtpd's protocol with our MAIL/RCPT handling (DSN parameters, routing at RCPT time)."""
+    """aiosmtpd's protocol with our MAIL/RCPT handling (DSN parameters, routing at RCPT time)
+    and our DATA reader."""
 
-    line_length_limit = 1000  # 998 octets + CRLF
+    # aiosmtpd sizes its StreamReader with this: the buffer for command lines and DATA chunks
+    # (reading pauses past twice this much). It is not the DATA line limit, which is
+    # `_MAX_LINE` in `DataReader`; command lines are held to `command_size_limit`.
+    line_length_limit = 64 * 1024
 
     def __init__(self, inbound: Inbound, listener: Listener, **kwargs: Any) -> None:
-        super().__init__(inbound, **kwargs)
+        super().__init__(inbound, **{**kwargs, "decode_data": False})
         self.inbound = inbound
         self.listener = listener
         self.transaction: Transaction | None = None
@@ -100,6 +250,8 @@ class GatewaySMTP(SMTP):
         self.inbound.sessions.add(self)
         if fresh and self.inbound.too_many(self):
             # Before the greeting's reply is read: a flood from one peer cannot starve the rest.
+            if self._handler_coroutine is not None:
+                self._handler_coroutine.cancel()  # no 220 after the 421
             if isinstance(transport, asyncio.WriteTransport):
                 transport.write(b"421 4.7.0 Too many connections from your address, "
                                 b"try again later\r\n")
@@ -114,13 +266,25 @@ class GatewaySMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
+            if status.startswith(_UNKNOWN_COMMAND):
+                status = "500 5.5.1 Command not recognized"
             await super().push(_ENHANCED.get(status, status))
         else:
             await super().push(status)
 
-    def _set_rset_state(self) -> None:
-        super()._set_rset_state()  # type: ignore[no-untyped-call]
+    def _set_post_data_state(self) -> None:
+        # aiosmtpd calls this after DATA, whatever its outcome, and from _set_rset_state (RSET,
+        # HELO, EHLO, and the new session after STARTTLS): our transaction ends with its own.
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
         self.transaction = None
+
+    async def handle_exception(self, error: Exception) -> str:
+        peer = self.session.peer if self.session is not None else None
+        if isinstance(error, TLSSetupException):
+            log.info("TLS handshake with %s failed: %s", peer, error.__cause__)
+        else:
+            log.error("unexpected error in the session with %s", peer, exc_info=error)
+        return f"451 4.3.0 {_LOCAL_ERROR}"
 
     # Methods, not properties: aiosmtpd's constructor inspects every attribute of the protocol.
     def smtp_envelope(self) -> SmtpEnvelope:
@@ -147,6 +311,14 @@ class GatewaySMTP(SMTP):
             if der:
                 certificate = x509.load_der_x509_certificate(der)
         return PeerIdentity(ipaddress.ip_address(host), certificate)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None or self.tls_active():
+            # RFC 3207 §4.2: no second handshake inside the first (aiosmtpd would start one).
+            await self.push("503 5.5.1 TLS is already active")
+            return
+        await super().smtp_STARTTLS(arg)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
@@ -216,9 +388,81 @@ class GatewaySMTP(SMTP):
         self.smtp_envelope().rcpt_tos.append(path.address)
         await self.push("250 2.1.5 Recipient OK")
 
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        if not self.smtp_envelope().rcpt_tos:
+            await self.push("503 5.5.1 Need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            status = await self._receive()
+        finally:
+            self._set_post_data_state()
+        if status is not None:
+            await self.push(status)
+
+    def _end_session(self) -> None:
+        # As QUIT does: close, and stop the command loop, so that nothing still buffered is
+        # read as commands.
+        if self.transport is not None:
+            self.transport.close()
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+
+    async def _receive(self) -> str | None:
+        """Read DATA and hand the message over; the reply, or None when the session is over."""
+        # Without a configured limit, memory is still bounded, at aiosmtpd's default.
+        limit = self.data_size_limit or DATA_SIZE_DEFAULT
+        reader = DataReader(limit)
+        while True:
+            chunk = await self._reader.read(_CHUNK)
+            if not chunk:  # the peer left
+                self._end_session()
+                return None
+            end = reader.feed(chunk)
+            if end is not None:
+                if end < len(chunk):
+                    # Pipelined commands after the terminator: back to aiosmtpd's command loop,
+                    # which reads the same buffer (StreamReader has no public unread).
+                    self._reader._buffer[:0] = chunk[end:]  # type: ignore[attr-defined]
+                break
+            if reader.received > limit * (1 + _DISCARD_FACTOR):
+                failure = TemporaryFailure(
+                    "Message far exceeds the maximum size accepted here; closing the connection",
+                    smtp_code=421, enhanced="4.3.4", reason=Reason.TOO_LARGE,
+                    detail=f"no end of DATA after {reader.received} octets",
+                )
+                self.inbound.rejected(self, "DATA", f"{reader.received} octets", failure)
+                await self.push(failure.smtp_reply)
+                self._end_session()
+                return None
+        if reader.error is not None:
+            self.inbound.rejected(self, "DATA", f"{reader.received} octets", reader.error)
+            return reader.error.smtp_reply
+        # Octets as received, never decoded: the gateway runs with decode_data=False, which is
+        # also what makes aiosmtpd advertise 8BITMIME.
+        envelope = self.smtp_envelope()
+        envelope.content = envelope.original_content = reader.content()
+        try:
+            status = await self._call_handler_hook("DATA")
+        except Exception as error:  # never aiosmtpd's generic 500
+            return await self.handle_exception(error)
+        return "250 2.0.0 OK" if status is MISSING else str(status)
+
 
 class Inbound:
-    """The aiosmtpd handler: per-connection policy and the hand-off to the spool."""
+    """The aiosmtpd handler: per-connection policy and the hand-off to the spool.
+
+    `accepted` is called once a message is spooled and its `received` audit record durable,
+    just before its 250: it hands the message to the queue manager.
+    """
 
     def __init__(
         self,
@@ -233,6 +477,7 @@ class Inbound:
         self.events = events
         self.servers: list[asyncio.Server] = []
         self.sessions: set[GatewaySMTP] = set()
+        self._withdrawals: set[asyncio.Task[None]] = set()
 
     # -- policy --------------------------------------------------------------------------------
 
@@ -274,8 +519,15 @@ class Inbound:
         peer = server.session.peer if server.session is not None else None
         log.info("reject %s %s from %s: %s (%s)", command, argument, peer,
                  error.smtp_reply, error.detail)
-        if self.events is not None:
+        if self.events is None:
+            return
+        try:
             self.events.rejected(server, command, argument, error)
+        except Exception:
+            # The refusal stands without its record: refusing is the safe side, and the peer
+            # still learns why. The operator learns of the audit trail's failure here.
+            log.exception("could not record the refusal of %s from %s in the audit trail",
+                          command, peer)
 
     # -- aiosmtpd hooks ------------------------------------------------------------------------
 
@@ -297,40 +549,76 @@ class Inbound:
             return "503 5.5.1 Need RCPT command"
         data = smtp_envelope.original_content or b""
         try:
-            if _BARE_LINE_END.search(data):
-                raise PermanentFailure(
-                    "Message refused: a bare CR or LF was found; only CRLF may end a line "
-                    "(RFC 5321 §2.3.8), fix the sending software",
-                    smtp_code=550, enhanced="5.6.0", reason=Reason.SMUGGLING,
-                )
-            peer = server.peer_identity()
-            envelope = Envelope(
-                queue_id=self.spool.new_queue_id(),
-                sender=transaction.sender.address,
-                recipients=tuple(transaction.recipients),
-                source_network=transaction.source,
-                peer=Peer(
-                    address=str(peer.address),
-                    port=int(session.peer[1]) if session is not None and session.peer else 0,
-                    helo=session.host_name or "",
-                    tls=server.tls_active(),
-                    certificate_subject=peer.subject_text,
-                ),
-                received_at=time.time(),
-                size=len(data),
-                message_id=message_id(data),
-                ret=transaction.ret,
-                envid=transaction.envid,
-            )
+            envelope = self._envelope(server, session, transaction, data)
             await self.spool.enqueue(envelope, data)
         except GatewayError as error:
             self.rejected(server, "DATA", f"{len(data)} octets", error)
             return error.smtp_reply
-        self.accepted(envelope)
-        if self.events is not None:
-            # The `received` audit record of a message that gets a 250 must survive a crash.
-            await self.events.durable()
+        except Exception as error:  # a defect or an unforeseen condition: a 4xx, not a 500
+            log.exception("could not spool a message of %d octets", len(data))
+            failure = TemporaryFailure(_LOCAL_ERROR, detail=f"{type(error).__name__}: {error}")
+            self.rejected(server, "DATA", f"{len(data)} octets", failure)
+            return failure.smtp_reply
+        return await self._commit(server, envelope)
+
+    def _envelope(self, server: GatewaySMTP, session: Session, transaction: Transaction,
+                  data: bytes) -> Envelope:
+        peer = server.peer_identity()
+        return Envelope(
+            queue_id=self.spool.new_queue_id(),
+            sender=transaction.sender.address,
+            recipients=tuple(transaction.recipients),
+            source_network=transaction.source,
+            peer=Peer(
+                address=str(peer.address),
+                port=int(session.peer[1]) if session is not None and session.peer else 0,
+                helo=session.host_name or "",
+                tls=server.tls_active(),
+                certificate_subject=peer.subject_text,
+            ),
+            received_at=time.time(),
+            size=len(data),
+            message_id=message_id(data),
+            ret=transaction.ret,
+            envid=transaction.envid,
+        )
+
+    async def _commit(self, server: GatewaySMTP, envelope: Envelope) -> str:
+        """Record the spooled message as received, durably, then schedule it: the 250.
+
+        If that fails, or the session ends first, the spooled copy is withdrawn: the peer got
+        no 250 and will send the message again.
+        """
+        withdrawn = f"{envelope.size} octets, {envelope.queue_id} withdrawn"
+        try:
+            if self.events is not None:
+                self.events.received(envelope)
+                # The `received` record of a message that gets a 250 must survive a crash.
+                await self.events.durable()
+            self.accepted(envelope)
+        except asyncio.CancelledError:
+            task = asyncio.get_running_loop().create_task(self._withdraw(envelope.queue_id))
+            self._withdrawals.add(task)
+            task.add_done_callback(self._withdrawals.discard)
+            self.rejected(server, "DATA", withdrawn, TemporaryFailure(
+                "The session ended before the reply", detail="session ended before the 250"))
+            raise
+        except Exception as error:
+            log.error("%s: could not record the message as received, withdrawing it",
+                      envelope.queue_id, exc_info=error)
+            await self._withdraw(envelope.queue_id)
+            failure = TemporaryFailure(_UNRECORDED, detail=f"{type(error).__name__}: {error}")
+            self.rejected(server, "DATA", withdrawn, failure)
+            return failure.smtp_reply
         return f"250 2.0.0 Ok: queued as {envelope.queue_id}"
+
+    async def _withdraw(self, queue_id: str) -> None:
+        try:
+            await self.spool.withdraw(queue_id)
+        except Exception:
+            log.critical("%s: could not withdraw the message from the spool; it may be "
+                         "delivered although its sender was told to try again", queue_id,
+                         exc_info=True)
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -385,6 +673,7 @@ class Inbound:
         """
         for server in self.servers:
             server.close()
+        handlers = [s._handler_coroutine for s in self.sessions if s._handler_coroutine is not None]
         deadline = asyncio.get_running_loop().time() + grace
         while self.sessions:
             for session in list(self.sessions):
@@ -400,3 +689,9 @@ class Inbound:
                 session.transport.close()
         self.sessions.clear()
         self.servers.clear()
+        # Let the cut sessions unwind, so that a message spooled without its 250 is withdrawn
+        # now rather than found in the spool (and delivered) at the next start.
+        if handlers:
+            await asyncio.wait(handlers, timeout=5)
+        if self._withdrawals:
+            await asyncio.gather(*self._withdrawals, return_exceptions=True)

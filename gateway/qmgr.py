@@ -1,10 +1,27 @@
 """The queue manager: picks due messages from the spool, runs the pipeline, delivers, retries,
 gives up, and queues DSNs (RFC 3461/3464), as Postfix's qmgr does for its queue.
 
-A message leaves the spool only when every recipient is final (delivered or bounced). Each
-attempt's outcome is written to the message's state file before anything else happens, and a
-DSN is made durable in the spool before the recipients it reports are marked bounced, so a
-crash at any point repeats work (at-least-once) but never loses a message or a bounce.
+A message leaves the spool only when every recipient is final (delivered or bounced). A DSN
+is made durable in the spool before the recipients it reports are marked final in the state
+file, so a crash at any point repeats work (at-least-once) but never loses a message or a
+bounce.
+
+Duplicates are kept rare by remembering outcomes in memory first. Once the next hop has
+answered 250 (or a recipient has bounced), this process never tries that recipient again,
+even when the spool then cannot record it (disk full, I/O error on the state file, the
+removal of a finished message, or a DSN that cannot be queued): the outcome stays in
+`unsaved`, later attempts of the message skip it, and the state write, the removal and the
+owed DSNs are tried again every `persist_retry` seconds until the disk takes them. The audit
+record and the metrics of an outcome are written once, when it happens, never on those
+retries. What is only in memory does not survive the process: after a restart (or a kill) with
+an outcome still unsaved, the spool's older state is what is recovered, and a recipient whose
+next hop had said 250 is sent the message a second time (a duplicate, never a loss).
+
+Retries follow `gateway.retry`: the n-th failed attempt waits the n-th interval of `schedule`,
+the last interval repeats (DESIGN §10), and no attempt is put off past `give_up_after`; an
+attempt that fails at or after it bounces the recipient with 5.4.7 "gave up after N days" and
+an `expired` audit record. A temporary failure found while preparing the message (a stale CRL,
+an overrun) defers like a temporary reply from the next hop.
 
 Operators' queue commands run in another process: they change the spool files and drop a
 file named after the queue id in `<spool>/requests/`, which this loop polls every second.
@@ -24,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +54,7 @@ from gateway.pipeline import Prepared, prepare
 from gateway.runtime import Runtime
 from gateway.spool import CorruptQueueFile, Spool
 
-__all__ = ["PREPARE_TIMEOUT", "QueueManager", "request_attention"]
+__all__ = ["PERSIST_RETRY", "PREPARE_TIMEOUT", "QueueManager", "request_attention"]
 
 log = logging.getLogger("gateway.qmgr")
 
@@ -46,6 +64,11 @@ REQUESTS = "requests"
 # message costs on a slow machine, so only a pathological input (or a wedged library) reaches
 # it; the message is then deferred with a reason (see `_prepare`).
 PREPARE_TIMEOUT = 120.0
+
+# How soon to try again to record an outcome that the spool could not write (a full or failing
+# disk): often enough to leave the spool soon after the disk is back, rarely enough not to
+# flood the log while it is not.
+PERSIST_RETRY = 30.0
 
 
 def request_attention(spool_root: Path, queue_id: str) -> None:
@@ -66,12 +89,16 @@ class QueueManager:
         concurrency: int = 20,
         clock: Callable[[], float] = time.time,
         prepare_timeout: float = PREPARE_TIMEOUT,
+        persist_retry: float = PERSIST_RETRY,
     ) -> None:
         self.spool = spool
         self.runtime = runtime
         self.transport = transport
         self.executor = executor  # kept for callers; prepare runs on watched threads instead
         self.prepare_timeout = prepare_timeout
+        self.persist_retry = persist_retry
+        # Outcomes the spool could not record yet (full or failing disk), by queue id.
+        self.unsaved: dict[str, _Unsaved] = {}
         # Crypto workers at once: the size of the pool the caller handed in, 4 otherwise.
         workers = executor._max_workers if isinstance(executor, ThreadPoolExecutor) else 4
         self.crypto_slots = asyncio.Semaphore(workers)
@@ -188,43 +215,88 @@ class QueueManager:
 
     async def attempt(self, queue_id: str) -> None:
         """Try every due recipient of one message once."""
-        if self.spool.locate(queue_id) not in ("active", "deferred"):
-            return  # held, deleted or quarantined by an operator meanwhile
+        location = self.spool.locate(queue_id)
+        if location not in ("active", "deferred"):
+            # Held, deleted or quarantined by an operator meanwhile (a held message keeps what
+            # is unsaved: it applies again once released).
+            if location is None and queue_id in self.unsaved:
+                await self._forget(queue_id)
+            elif location == "corrupt":
+                self.unsaved.pop(queue_id, None)
+            return
         try:
             envelope, raw = await asyncio.to_thread(self.spool.load, queue_id)
-            state = await asyncio.to_thread(self.spool.read_state, queue_id)
+            on_disk = await asyncio.to_thread(self.spool.read_state, queue_id)
         except CorruptQueueFile as error:
             log.error("queue file %s is unreadable, moved to corrupt/: %s", queue_id, error)
             await asyncio.to_thread(self.spool.quarantine, queue_id, str(error))
+            self.unsaved.pop(queue_id, None)
             return
+        state = self._known(queue_id, on_disk)
         now = self.clock()
         due = tuple(
             r for r in envelope.recipients
             if not state.get(r.address).status.final and state.get(r.address).next_attempt <= now
         )
+        runtime = self.runtime()
         if not due:
+            if queue_id in self.unsaved:
+                await self._settle(runtime, envelope, raw, on_disk, state)
+                return
             upcoming = state.next_attempt()
             if upcoming is None:
                 await asyncio.to_thread(self.spool.finish, queue_id)
             else:
                 self.schedule(queue_id, upcoming)
             return
-        runtime = self.runtime()
         moment = dt.datetime.fromtimestamp(now, dt.UTC)
         prepared = await self._prepare(runtime, envelope, raw, due, moment)
         if self.events is not None:
             self.events.unwrapped(envelope, prepared)
         outcomes = [self._failure_outcome(a, e) for a, e in prepared.failed.items()]
-        sends = [
-            self.transport.send(
-                batch.network, envelope.sender, batch.recipients, batch.content,
+        sends = []
+        for batch in prepared.batches:
+            # A recipient that prepare failed is never sent, even if a batch lists it too.
+            recipients = tuple(r for r in batch.recipients if r.address not in prepared.failed)
+            if len(recipients) != len(batch.recipients):
+                log.error("%s: a batch for %s lists recipients that failed; not sent to them",
+                          queue_id, batch.network.name)
+            sends.append(self.transport.send(
+                batch.network, envelope.sender, recipients, batch.content,
                 envid=envelope.envid, ret=envelope.ret,
-            )
-            for batch in prepared.batches
-        ]
+            ))
         for result in await asyncio.gather(*sends):
             outcomes.extend(result)
-        await self._record(runtime, envelope, raw, state, outcomes, now)
+        await self._record(runtime, envelope, raw, on_disk, state, due,
+                           _one_per_recipient(queue_id, due, outcomes), now)
+
+    def _known(self, queue_id: str, on_disk: DeliveryState) -> DeliveryState:
+        """The state as this process knows it: the spool's, plus what could not be saved."""
+        unsaved = self.unsaved.get(queue_id)
+        if unsaved is None:
+            return on_disk
+        if on_disk == unsaved.base:
+            return unsaved.state
+        # Someone else wrote the state meanwhile (an operator's retry or release): theirs,
+        # except that a final outcome stays final.
+        state = on_disk
+        for known in unsaved.state.recipients:
+            if known.status.final:
+                state = state.update(known.address, **_fields(known))
+        return state
+
+    async def _forget(self, queue_id: str) -> None:
+        """The message left the spool while an outcome was unsaved: either an operator deleted
+        it, or our own removal went through without its directory fsync. `finish` is
+        idempotent and makes such a removal durable."""
+        try:
+            await asyncio.to_thread(self.spool.finish, queue_id)
+        except OSError as error:
+            log.error("%s: removal from the spool not yet durable (%s); trying again in %gs",
+                      queue_id, error, self.persist_retry)
+            self.schedule(queue_id, self.clock() + self.persist_retry)
+            return
+        self.unsaved.pop(queue_id, None)
 
     async def _prepare(
         self, runtime: Runtime, envelope: Envelope, raw: bytes, due: Sequence[Recipient],
@@ -274,25 +346,37 @@ class QueueManager:
 
     @staticmethod
     def _failure_outcome(address: str, error: GatewayError) -> Outcome:
+        # A TemporaryFailure defers whatever code it was given: a stale CRL, a key directory
+        # being refreshed or an overrun will be fixed, so they must not bounce at once.
+        temporary = isinstance(error, TemporaryFailure) or not error.permanent
+        code, enhanced = error.smtp_code, error.enhanced
+        klass = "4" if temporary else "5"
+        if not str(code).startswith(klass):
+            code = 451 if temporary else 554
+        if not enhanced.startswith(klass + "."):
+            enhanced = klass + enhanced[1:] if enhanced[1:2] == "." else f"{klass}.0.0"
         return Outcome(
             address=address,
-            kind="bounced" if error.permanent else "deferred",
-            code=error.smtp_code,
-            enhanced=error.enhanced,
+            kind="deferred" if temporary else "bounced",
+            code=code,
+            enhanced=enhanced,
             text=error.advice,
             reason=error.reason,
         )
 
     async def _record(
-        self, runtime: Runtime, envelope: Envelope, raw: bytes, state: DeliveryState,
-        outcomes: Sequence[Outcome], now: float,
+        self, runtime: Runtime, envelope: Envelope, raw: bytes, on_disk: DeliveryState,
+        state: DeliveryState, due: Sequence[Recipient], outcomes: Sequence[Outcome], now: float,
     ) -> None:
+        """Turn one attempt's outcomes into the new state, the DSNs owed, the audit records and
+        metrics (once each), then save them (`_settle`)."""
         retry = runtime.config.gateway.retry
-        expired = now - envelope.received_at >= retry.give_up_after
-        failed: list[tuple[Recipient, RecipientState, Outcome]] = []
-        delayed: list[tuple[Recipient, RecipientState, Outcome]] = []
-        succeeded: list[tuple[Recipient, RecipientState, Outcome]] = []
-        recipients = {r.address: r for r in envelope.recipients}
+        deadline = envelope.received_at + retry.give_up_after
+        expired = now >= deadline
+        failed: list[_Row] = []
+        delayed: list[_Row] = []
+        succeeded: list[_Row] = []
+        recipients = {r.address: r for r in due}
         for outcome in outcomes:
             current = state.get(outcome.address)
             attempts = current.attempts + 1
@@ -304,64 +388,131 @@ class QueueManager:
                 succeeded.append((recipients[outcome.address], new, outcome))
             elif outcome.kind == "bounced" or expired:
                 if outcome.kind != "bounced":
-                    days = retry.give_up_after / 86400
                     outcome = Outcome(
-                        outcome.address, "bounced", outcome.code, "5.4.7",
-                        f"gave up after {days:g} days of failed attempts; last reply: {reply}",
-                        Reason.GAVE_UP,
+                        outcome.address, "bounced", 554, "5.4.7",
+                        f"gave up after {_span(retry.give_up_after)} of failed attempts; "
+                        f"last reply: {reply}",
+                        Reason.GAVE_UP, outcome.remote_mta,
                     )
                     reason = Reason.GAVE_UP.value
                 new = RecipientState(outcome.address, Status.BOUNCED, attempts, 0.0, reply,
                                      outcome.enhanced, reason)
                 failed.append((recipients[outcome.address], new, outcome))
             else:
+                # The last interval repeats; the last attempt falls on the give-up time rather
+                # than up to one interval after it.
                 new = RecipientState(
-                    outcome.address, Status.DEFERRED, attempts, now + retry.delay(attempts),
+                    outcome.address, Status.DEFERRED, attempts,
+                    min(now + retry.delay(attempts), deadline),
                     reply, outcome.enhanced, reason, current.delay_notified,
                 )
                 delayed.append((recipients[outcome.address], new, outcome))
             state = state.update(outcome.address, **_fields(new))
 
+        # From here on this process never tries these recipients again, whatever happens to
+        # the writes below: the outcome is known before the spool is asked to keep it.
+        unsaved = self.unsaved.setdefault(envelope.queue_id, _Unsaved(on_disk, state))
+        unsaved.base, unsaved.state = on_disk, state
         if envelope.sender:
-            await self._notify(runtime, envelope, raw, failed, "failed", now, "FAILURE")
-            await self._notify(runtime, envelope, raw, succeeded, "relayed", now, "SUCCESS")
-            first_delays = [d for d in delayed if not d[1].delay_notified]
-            sent = await self._notify(runtime, envelope, raw, first_delays, "delayed", now, "DELAY",
-                                      explicit_only=True)
-            for recipient in sent:
-                state = state.update(recipient, delay_notified=True)
+            reports: tuple[tuple[list[_Row], dsn.Action, str], ...] = (
+                (failed, "failed", "FAILURE"), (succeeded, "relayed", "SUCCESS"),
+            )
+            for rows, action, event in reports:
+                wanted = tuple(row for row in rows if row[0].wants(event))
+                if wanted:
+                    unsaved.owed.append(_Notice(action, wanted, now))
+            first_delays = tuple(
+                row for row in delayed
+                if not row[1].delay_notified and "DELAY" in row[0].notify
+            )
+            if first_delays:
+                try:
+                    await self._queue_dsn(runtime, envelope, raw, _Notice("delayed", first_delays,
+                                                                          now))
+                except (GatewayError, OSError) as error:
+                    # Not owed like a bounce: the next deferral sends it.
+                    log.error("%s: could not queue the delay DSN: %s", envelope.queue_id, error)
+                else:
+                    for recipient, _new, _outcome in first_delays:
+                        state = state.update(recipient.address, delay_notified=True)
+                    unsaved.state = state
 
         if self.events is not None:
             for _recipient, _new, outcome in succeeded + failed + delayed:
-                self.events.outcome(envelope, outcome)
-        # Both fsync: off the event loop.
-        if state.done:
-            await asyncio.to_thread(self.spool.finish, envelope.queue_id)
-        else:
-            await asyncio.to_thread(self.spool.write_state, envelope.queue_id, state)
-            upcoming = state.next_attempt()
-            if upcoming is not None:
-                self.schedule(envelope.queue_id, upcoming)
+                try:
+                    self.events.outcome(envelope, outcome)
+                except Exception:
+                    # Never again for this outcome (metrics and audit are once per outcome),
+                    # and never a reason to send again: say so and carry on saving.
+                    log.exception("%s: the %s outcome for <%s> could not be recorded",
+                                  envelope.queue_id, outcome.kind, outcome.address)
+        await self._settle(runtime, envelope, raw, on_disk, state)
 
-    async def _notify(
-        self, runtime: Runtime, envelope: Envelope, raw: bytes,
-        rows: Sequence[tuple[Recipient, RecipientState, Outcome]], action: str, now: float,
-        event: str, explicit_only: bool = False,
-    ) -> list[str]:
-        """Queue one DSN for the rows whose NOTIFY asks for `event`; returns their addresses."""
-        wanted = [
-            row for row in rows
-            if row[0].wants(event) and (not explicit_only or event in row[0].notify)
-        ]
-        if not wanted:
-            return []
+    async def _settle(
+        self, runtime: Runtime, envelope: Envelope, raw: bytes, on_disk: DeliveryState,
+        state: DeliveryState,
+    ) -> None:
+        """Queue the DSNs owed, then make the spool say what `state` says. Whatever fails stays
+        in `unsaved` and is tried again every `persist_retry` seconds; meanwhile no recipient
+        whose outcome is final here is tried again."""
+        queue_id = envelope.queue_id
+        unsaved = self.unsaved.setdefault(queue_id, _Unsaved(on_disk, state))
+        unsaved.base, unsaved.state = on_disk, state
+        still_owed: list[_Notice] = []
+        for notice in unsaved.owed:
+            try:
+                await self._queue_dsn(runtime, envelope, raw, notice)
+            except (GatewayError, OSError) as error:
+                log.error("%s: could not queue the %s DSN (%s); trying again in %gs",
+                          queue_id, notice.action, error, self.persist_retry)
+                still_owed.append(notice)
+        unsaved.owed = still_owed
+        # A recipient is final in the spool only once its DSN is: after a crash, one whose DSN
+        # was never queued is tried again and reported then.
+        saved = state
+        for notice in still_owed:
+            for recipient, _new, _outcome in notice.rows:
+                saved = saved.update(recipient.address,
+                                     **_fields(on_disk.get(recipient.address)))
+        try:
+            # Both fsync: off the event loop.
+            if saved.done:
+                await asyncio.to_thread(self.spool.finish, queue_id)
+            else:
+                await asyncio.to_thread(self.spool.write_state, queue_id, saved)
+        except OSError as error:
+            log.error("%s: the delivery state could not be saved (%s); kept in memory, trying "
+                      "again in %gs", queue_id, error, self.persist_retry)
+            self._again(queue_id, state)
+            return
+        if still_owed:
+            unsaved.base = saved
+            self._again(queue_id, state)
+            return
+        del self.unsaved[queue_id]
+        upcoming = saved.next_attempt()
+        if upcoming is not None:
+            self.schedule(queue_id, upcoming)
+
+    def _again(self, queue_id: str, state: DeliveryState) -> None:
+        """Come back to save what is unsaved, or earlier if a recipient is due before that."""
+        self.schedule(queue_id, self.clock() + self.persist_retry)
+        upcoming = state.next_attempt()
+        if upcoming is not None:
+            self.schedule(queue_id, upcoming)
+
+    async def _queue_dsn(
+        self, runtime: Runtime, envelope: Envelope, raw: bytes, notice: _Notice,
+    ) -> None:
+        """Make one DSN durable in the spool and schedule it; raises if the spool cannot."""
         config = runtime.config
         network = config.network_for_domain(envelope.sender.rpartition("@")[2])
         if network is None:
             log.warning("%s: no network for the sender %s; DSN not sent",
                         envelope.queue_id, envelope.sender)
-            return []
-        moment = dt.datetime.fromtimestamp(now, dt.UTC)
+            return
+        action = notice.action
+        moment = dt.datetime.fromtimestamp(notice.at, dt.UTC)
         retry = config.gateway.retry
         reports = [
             dsn.RecipientReport(
@@ -376,39 +527,85 @@ class QueueManager:
                 ) if action == "delayed" else None,
                 advice=outcome.text,
             )
-            for recipient, _state, outcome in wanted
+            for recipient, _state, outcome in notice.rows
         ]
         body = dsn.build_dsn(
             envelope=envelope,
             reports=reports,
-            action=action,  # type: ignore[arg-type]
+            action=action,
             reporting_mta=config.gateway.hostname,
             original=raw,
             now=moment,
             random_token=secrets.token_hex(8),
         )
-        notice = Envelope(
+        notification = Envelope(
             queue_id=self.spool.new_queue_id(),
             sender="",
             recipients=(Recipient(envelope.sender, network.name, notify=("NEVER",)),),
             source_network=network.name,
             peer=Peer(address="127.0.0.1", helo=config.gateway.hostname),
-            received_at=now,
+            received_at=notice.at,
             size=len(body),
             message_id=None,
             generated=True,
         )
-        try:
-            await self.spool.enqueue(notice, body)
-        except GatewayError as error:
-            # The spool is unavailable: keep the recipients unresolved so the bounce is retried
-            # rather than lost.
-            log.error("%s: could not queue the DSN: %s", envelope.queue_id, error.detail)
-            raise
+        await self.spool.enqueue(notification, body)
         if self.events is not None:
-            self.events.dsn(envelope, notice, action)
-        self.schedule(notice.queue_id)
-        return [recipient.address for recipient, _state, _outcome in wanted]
+            self.events.dsn(envelope, notification, action)
+        self.schedule(notification.queue_id)
+
+
+_Row = tuple[Recipient, RecipientState, Outcome]
+
+
+@dataclass(frozen=True)
+class _Notice:
+    """A DSN decided by an attempt (RFC 3464 action, the recipients it reports, and when)."""
+
+    action: dsn.Action
+    rows: tuple[_Row, ...]
+    at: float
+
+
+@dataclass
+class _Unsaved:
+    """What this process knows about one message and its spool files do not say yet."""
+
+    base: DeliveryState  # the spool's state when `state` was decided
+    state: DeliveryState  # what the spool should say
+    owed: list[_Notice] = field(default_factory=list)  # DSNs decided but not queued yet
+
+
+def _one_per_recipient(
+    queue_id: str, due: Sequence[Recipient], outcomes: Sequence[Outcome]
+) -> list[Outcome]:
+    """Exactly one outcome for each due recipient: a recipient nobody reported on is deferred
+    (never left pending, which would be tried again at once, for ever), and one reported twice
+    or not asked about is ignored."""
+    wanted = {r.address for r in due}
+    found: dict[str, Outcome] = {}
+    for outcome in outcomes:
+        if outcome.address not in wanted or outcome.address in found:
+            log.error("%s: ignoring an unexpected outcome for <%s>", queue_id, outcome.address)
+            continue
+        found[outcome.address] = outcome
+    for recipient in due:
+        if recipient.address not in found:
+            log.error("%s: no outcome for <%s>; deferred", queue_id, recipient.address)
+            found[recipient.address] = Outcome(
+                recipient.address, "deferred", 451, "4.3.0",
+                "The gateway could not process the message for this recipient; it will try "
+                "again.", Reason.INTERNAL,
+            )
+    return [found[r.address] for r in due]
+
+
+def _span(seconds: float) -> str:
+    """A duration as an operator writes it in a sentence: "5 days", "1.5 hours", "2 seconds"."""
+    units = (("day", 86400.0), ("hour", 3600.0), ("minute", 60.0))
+    unit, size = next(((u, s) for u, s in units if seconds >= s), ("second", 1.0))
+    value = f"{round(seconds / size, 1):g}"
+    return f"{value} {unit}" + ("" if value == "1" else "s")
 
 
 def _fields(state: RecipientState) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from cryptography import x509
 from gateway.audit import AuditTrail
 from gateway.config import Listener, NetworkSettings
 from gateway.delivery import SmtpTransport, Transport, make_client_tls_context
-from gateway.envelope import Recipient
+from gateway.envelope import Envelope, Recipient
 from gateway.events import Events
 from gateway.http import MetricsServer
 from gateway.inbound import Inbound
@@ -58,7 +58,7 @@ class Gateway:
         self.transport = transport or self._make_transport()
         self.qmgr = QueueManager(self.spool, self.runtime, self.transport, self.executor,
                                  events=self.events)
-        self.inbound = Inbound(self.runtime, self.spool, self.qmgr.accepted, events=self.events)
+        self.inbound = Inbound(self.runtime, self.spool, self._accepted, events=self.events)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self._metrics_server: MetricsServer | None = None
@@ -66,6 +66,12 @@ class Gateway:
 
     def runtime(self) -> Runtime:
         return self._runtime
+
+    def _accepted(self, envelope: Envelope) -> None:
+        # The accept stage has already written the `received` record and made it durable, in
+        # that order and before anything can deliver the message, so that a failure there can
+        # still withdraw it: only the delivery is left to schedule before the 250.
+        self.qmgr.schedule(envelope.queue_id)
 
     def _make_transport(self) -> Transport:
         runtime = self._runtime

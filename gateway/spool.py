@@ -28,6 +28,9 @@ once the directory itself is fsync'ed, as Linux ext4/XFS document and Postfix as
 2. rename the state into state/, then the queue file into active/;
 3. fsync active/; only now does `enqueue` return, and the caller answers 250.
 
+If the 250 cannot be sent after all (a later step of the accept stage failed), `withdraw`
+takes the message back out, durably, before the peer gets its 4xx.
+
 A crash before 3 leaves either a file in incoming/ (deleted at start: the message never got a
 250) or a queue file in active/ whose peer may send it again (at worst a duplicate, never a
 loss). state/ is not fsync'ed at enqueue: if the initial state's rename is lost, recovery
@@ -182,13 +185,14 @@ class SpoolStats:
             setattr(self, counter, getattr(self, counter) + amount)
 
 
-Operation = Literal["write", "fsync", "rename", "fsync_dir"]
+Operation = Literal["write", "fsync", "rename", "fsync_dir", "unlink"]
 
 
 @dataclass(frozen=True)
 class SpoolFaults:
-    """Test seam: `hook(operation, path)` runs before every write, fsync and rename the spool
-    makes, and may raise OSError (ENOSPC, EIO...) to simulate a full or failing disk."""
+    """Test seam: `hook(operation, path)` runs before every write, fsync, rename and removal
+    the spool makes (removals of queue and state files by `finish`, `withdraw` and `delete`),
+    and may raise OSError (ENOSPC, EIO...) to simulate a full or failing disk."""
 
     hook: Callable[[Operation, Path], None] | None = None
 
@@ -766,15 +770,47 @@ class Spool:
         self._fsync_dir(self.root / STATE)
 
     def finish(self, queue_id: str) -> None:
-        """Every recipient is final: remove the message. Idempotent."""
+        """Every recipient is final: remove the message, durably. Idempotent, and calling it
+        again after it raised completes the removal (the queue manager does so until it
+        succeeds)."""
+        self._remove_message(queue_id, ("active", "deferred", "hold"))
+
+    async def withdraw(self, queue_id: str) -> None:
+        """Take back a message that `enqueue` made durable but whose 250 was never sent (the
+        accept stage failed after the spool write, e.g. its audit record could not be
+        written): the peer gets a 4xx and sends it again, so this copy must never be
+        delivered. The queue manager must not have been told about it (`accepted`).
+
+        Durable like `finish`: the removals are fsync'ed (the queue folder, then state/) before
+        this returns. When the disk refuses, raises TemporaryFailure (451 4.3.0) and the
+        message may stay in active/: nothing schedules it now, the next start recovers and
+        delivers it, a duplicate of the peer's retry but never a loss. Idempotent."""
+        if not _QUEUE_ID.fullmatch(queue_id):
+            raise ValueError(f"invalid queue id {queue_id!r}")
+        work = self._in_thread(self._remove_message, queue_id, ("active", "deferred", "hold"))
+        try:
+            # shield: a session cancelled now must not leave the message half withdrawn.
+            await asyncio.shield(work)
+        except OSError as exc:
+            raise TemporaryFailure(
+                "Requested action aborted: local storage problem, try again later",
+                enhanced="4.3.0", smtp_code=451, reason=Reason.SPOOL_UNAVAILABLE,
+                detail=f"withdrawing {queue_id} failed: {exc}",
+            ) from exc
+
+    def _remove_message(self, queue_id: str, where: tuple[Location, ...]) -> None:
         # The queue file first: a crash before the state file goes leaves an orphan that
         # recovery removes, never a message without its state (which would be sent again).
-        removed = self._unlink_queue_file(queue_id, ("active", "deferred", "hold"))
-        _unlink(self.root / STATE / f"{queue_id}.state")
-        if removed is not None:
-            # Durable removal: otherwise a crash could deliver the message a second time.
-            self._fsync_dir(self.root / removed)
-            self._fsync_dir(self.root / STATE)
+        removed = self._unlink_queue_file(queue_id, where)
+        state = self.root / STATE / f"{queue_id}.state"
+        self._faults("unlink", state)
+        _unlink(state)
+        # Durable removal: otherwise a crash could deliver the message a second time. Nothing
+        # found: an earlier call may have removed it and failed before its fsync, so those
+        # folders are fsync'ed anyway.
+        for location in (removed,) if removed is not None else where:
+            self._fsync_dir(self.root / location)
+        self._fsync_dir(self.root / STATE)
 
     def quarantine(self, queue_id: str, why: str) -> None:
         """Move an unreadable message to corrupt/ with a `.why` note; it is never deleted
@@ -856,6 +892,8 @@ class Spool:
             return None
         for _ in range(2):
             for location in where:
-                if _unlink(self.root / location / queue_id):
+                path = self.root / location / queue_id
+                self._faults("unlink", path)
+                if _unlink(path):
                     return location
         return None

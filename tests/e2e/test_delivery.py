@@ -95,6 +95,7 @@ class Handler:
     messages: list[Received] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)  # "MAIL FROM:<...> ..." as received
     rcpt_replies: dict[str, str] = field(default_factory=dict)
+    mail_reply: str | None = None  # instead of accepting MAIL FROM
     data_reply: str | None = None
     drop_in_data: bool = False
     hold_rcpt: asyncio.Event | None = None  # RCPT waits for this (a slow next hop)
@@ -110,12 +111,22 @@ class Handler:
             responses.insert(len(responses) - 1, "250-DSN")
         return responses
 
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        if self.mail_reply is not None:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
         if self.hold_rcpt is not None:
             await self.hold_rcpt.wait()
         reply = self.rcpt_replies.get(address)
         if reply is not None:
+            if reply.startswith("251"):  # accepted, to be forwarded
+                envelope.rcpt_tos.append(address)
             return reply
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
@@ -482,6 +493,78 @@ async def test_rcpt_451_defers_that_recipient(sinks: SinkFactory, transports: An
                              rcpt("b@chu-test.fr", "later@chu-test.fr"))
     assert good.kind == "delivered"
     assert (later.kind, later.code, later.enhanced) == ("deferred", 451, "4.3.0")
+
+
+async def test_rcpt_251_will_forward_is_delivered(sinks: SinkFactory, transports: Any) -> None:
+    sink = await sinks()
+    sink.handler.rcpt_replies = {"moved@chu-test.fr": "251 2.1.5 User not local; will forward"}
+    [outcome] = await send(transports(), network(sink.port), rcpt("moved@chu-test.fr"))
+    assert (outcome.kind, outcome.code) == ("delivered", 250)
+    assert sink.messages[0].recipients == ["moved@chu-test.fr"]
+
+
+@pytest.mark.parametrize("reply", [
+    "252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery",
+    "220 2.0.0 another success code",
+    "354 go ahead",
+    "199 below every class",
+], ids=["252", "other-2xx", "3xx", "1xx"])
+async def test_rcpt_reply_other_than_250_or_251_defers_and_is_never_delivered(
+    sinks: SinkFactory, transports: Any, reply: str
+) -> None:
+    sink = await sinks()
+    sink.handler.rcpt_replies = {"odd@chu-test.fr": reply}
+    good, odd = await send(transports(), network(sink.port),
+                           rcpt("b@chu-test.fr", "odd@chu-test.fr"))
+    assert good.kind == "delivered"
+    assert (odd.kind, odd.code, odd.enhanced, odd.reason) == (
+        "deferred", 451, "4.5.0", Reason.NEXT_HOP_UNAVAILABLE)
+    assert f"answered RCPT TO with {reply[:3]}" in odd.text
+    assert odd.remote_mta == "127.0.0.1"
+    [got] = sink.messages
+    assert got.recipients == ["b@chu-test.fr"]
+
+
+async def test_rcpt_252_alone_sends_no_data_and_the_connection_is_not_reused(
+    sinks: SinkFactory, transports: Any
+) -> None:
+    sink = await sinks()
+    sink.handler.rcpt_replies = {"odd@chu-test.fr": "252 2.1.5 Cannot VRFY user"}
+    transport = transports()
+    net = network(sink.port)
+    [odd] = await send(transport, net, rcpt("odd@chu-test.fr"))
+    assert (odd.kind, odd.code, odd.enhanced) == ("deferred", 451, "4.5.0")
+    assert "252 Cannot VRFY user" in odd.text
+    assert sink.messages == []
+    [good] = await send(transport, net, rcpt("b@chu-test.fr"))
+    assert good.kind == "delivered"
+    assert sink.connections == 2
+
+
+@pytest.mark.parametrize("reply", ["251 2.1.5 Sender OK, forwarding", "252 2.1.0 Maybe"])
+async def test_mail_from_reply_other_than_250_defers(
+    sinks: SinkFactory, transports: Any, reply: str
+) -> None:
+    sink = await sinks()
+    sink.handler.mail_reply = reply
+    first, second = await send(transports(), network(sink.port),
+                               rcpt("b@chu-test.fr", "c@chu-test.fr"))
+    for outcome in (first, second):
+        assert (outcome.kind, outcome.code, outcome.enhanced) == ("deferred", 451, "4.5.0")
+        assert f"answered MAIL FROM with {reply[:3]}" in outcome.text
+    assert sink.messages == []
+
+
+@pytest.mark.parametrize("reply", ["251 2.0.0 Forwarded", "252 2.0.0 Maybe", "354 more?"])
+async def test_end_of_data_reply_other_than_250_is_not_a_delivery(
+    sinks: SinkFactory, transports: Any, reply: str
+) -> None:
+    sink = await sinks()
+    sink.handler.data_reply = reply
+    [outcome] = await send(transports(), network(sink.port), rcpt("b@chu-test.fr"))
+    assert (outcome.kind, outcome.code, outcome.enhanced, outcome.reason) == (
+        "deferred", 451, "4.5.0", Reason.NEXT_HOP_UNAVAILABLE)
+    assert f"answered DATA with {reply[:3]}" in outcome.text
 
 
 async def test_all_recipients_refused_sends_no_data(sinks: SinkFactory, transports: Any) -> None:

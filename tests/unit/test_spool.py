@@ -28,6 +28,7 @@ OTHER_KEY = bytes(range(1, 33))
 T0 = 1_795_000_000.0
 SENDER = "dr.martin@clinique-test.fr"
 SECRET = b"Patient DUPONT Jeanne nee le 12/03/1953, HbA1c 9.1%"
+STATE_FOLDER = "state"
 
 
 def make_spool(root: Path, key: bytes | None = None, **kwargs: object) -> Spool:
@@ -534,3 +535,75 @@ async def test_entries_while_another_thread_moves_messages(tmp_path: Path) -> No
     assert sorted(e.queue_id for e in spool.entries()) == sorted(e.queue_id for e in sent)
     assert {e.queue_id for e in Spool(tmp_path).recover()} | {
         e.queue_id for e in spool.entries(["hold"])} == {e.queue_id for e in sent}
+
+
+# -- taking a message back, and removals that fail -----------------------------------------------
+
+
+async def test_withdraw_removes_a_just_enqueued_message_durably(tmp_path: Path) -> None:
+    synced: list[str] = []
+
+    def hook(operation: Operation, path: Path) -> None:
+        if operation == "fsync_dir":
+            synced.append(path.name)
+
+    spool = make_spool(tmp_path, faults=SpoolFaults(hook))
+    kept, _ = await put(spool)
+    envelope, _ = await put(spool, "b@chu-test.fr", "c@chu-test.fr")
+    synced.clear()
+    await spool.withdraw(envelope.queue_id)
+    assert spool.locate(envelope.queue_id) is None
+    assert synced == ["active", STATE_FOLDER]  # both removals fsync'ed before it returns
+    assert [e.queue_id for e in Spool(tmp_path).recover()] == [kept.queue_id]
+    assert sorted(p.name for p in files(tmp_path)) == sorted(
+        [kept.queue_id, f"{kept.queue_id}.state"])
+    await spool.withdraw(envelope.queue_id)  # idempotent
+    with pytest.raises(ValueError):
+        await spool.withdraw("../active")
+
+
+async def test_withdraw_on_a_failing_disk_raises_451_and_completes_when_called_again(
+    tmp_path: Path,
+) -> None:
+    broken = [False]
+    synced: list[str] = []
+
+    def hook(operation: Operation, path: Path) -> None:
+        if operation == "fsync_dir":
+            if broken[0]:
+                raise OSError(errno.EIO, "Input/output error", str(path))
+            synced.append(path.name)
+
+    spool = make_spool(tmp_path, faults=SpoolFaults(hook))
+    envelope, _ = await put(spool)
+    broken[0] = True
+    with pytest.raises(TemporaryFailure) as caught:
+        await spool.withdraw(envelope.queue_id)
+    assert (caught.value.smtp_code, caught.value.enhanced, caught.value.reason) == (
+        451, "4.3.0", Reason.SPOOL_UNAVAILABLE)
+    broken[0] = False
+    synced.clear()
+    await spool.withdraw(envelope.queue_id)
+    # The file was already unlinked: the second call still fsyncs every folder it could have
+    # been removed from, so the removal is durable once it returns.
+    assert synced == ["active", "deferred", "hold", STATE_FOLDER]
+    assert files(tmp_path) == []
+
+
+async def test_finish_that_failed_is_completed_by_calling_it_again(tmp_path: Path) -> None:
+    broken = [False]
+
+    def hook(operation: Operation, path: Path) -> None:
+        if broken[0] and operation == "unlink" and path.parent.name == "active":
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    spool = make_spool(tmp_path, faults=SpoolFaults(hook))
+    envelope, _ = await put(spool)
+    broken[0] = True
+    with pytest.raises(OSError):
+        spool.finish(envelope.queue_id)
+    assert spool.locate(envelope.queue_id) == "active"  # still there, state and all
+    assert spool.read_state(envelope.queue_id) == DeliveryState.initial(envelope)
+    broken[0] = False
+    spool.finish(envelope.queue_id)
+    assert files(tmp_path) == []
