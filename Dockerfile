@@ -1,9 +1,10 @@
 # Passerelle: the relay as a non-root service. Spool and audit live on volumes; routing.yaml and
-# the key material are mounted read-only.
-FROM python:3.11-slim
-RUN useradd --system --uid 10025 --home /srv/passerelle passerelle \
+# the key material are mounted read-only (docker-compose.yml). The base image is pinned to an
+# exact release so that a rebuild gets the same Python and Debian; bump it deliberately.
+FROM python:3.11.11-slim-bookworm
+RUN useradd --system --uid 10025 --user-group --home /srv/passerelle passerelle \
  && mkdir -p /srv/passerelle/var/spool /srv/passerelle/var/audit \
- && chown -R passerelle /srv/passerelle/var
+ && chown -R passerelle:passerelle /srv/passerelle/var
 WORKDIR /opt/passerelle
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway

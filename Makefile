@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian tools the tests use as independent peers (openssl, gpg, swaks); installed only if missing.
+# Debian tools the tests use as independent peers (openssl, gpg, swaks, Postfix), installed only if
+# missing. Postfix's `postconf` checks the compose peers' main.cf; it is also the bench baseline.
 system-deps:
 	@missing=""; \
-	for tool in openssl:openssl gpg:gnupg swaks:swaks; do \
-	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool##*:}"; \
+	for tool in openssl:openssl gpg:gnupg swaks:swaks postconf:postfix; do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \

@@ -1,19 +1,14 @@
-"""Metrics, health and the audit trail of real traffic; docker-compose stays deployable."""
+"""Metrics, health and the audit trail of real traffic (docker-compose: tests/unit/test_deployment.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import Callable
-from pathlib import Path
-
-import yaml
 
 from gateway import audit
 from tests.e2e.conftest import start
 from tests.support.world import World, free_port, message
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
@@ -68,13 +63,3 @@ async def test_metrics_health_and_audit_of_one_delivery_and_one_refusal(
     for event in ("start", "received", "unwrapped", "wrapped", "delivered", "rejected", "stop"):
         assert event in events, event
 
-
-def test_docker_compose_runs_non_root_with_volumes() -> None:
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    service = compose["services"]["gateway"]
-    assert service["user"] not in ("0", "root")
-    mounts = service["volumes"]
-    assert any(m.endswith(":/srv/passerelle/var/spool") for m in mounts)
-    assert any(m.endswith(":/srv/passerelle/var/audit") for m in mounts)
-    assert any(m.endswith("routing.yaml:ro") for m in mounts)
-    assert "healthz" in " ".join(service["healthcheck"]["test"])
