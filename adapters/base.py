@@ -28,7 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509 import Certificate, CertificateRevocationList
 
-from gateway.errors import PermanentFailure, Reason
+from gateway.errors import GatewayError, Reason
 
 __all__ = [
     "Adapter",
@@ -88,9 +88,10 @@ class Wrapped:
     """The message as it goes to the destination network, plus who could not get it."""
 
     content: bytes
-    # recipient address -> why it cannot receive this message (e.g. no certificate): the
-    # pipeline bounces those recipients and delivers the rest.
-    refused: Mapping[str, PermanentFailure] = field(default_factory=dict)
+    # recipient address -> why it cannot receive this message now: a PermanentFailure (no
+    # certificate) bounces that recipient, a TemporaryFailure (the revocation status of its
+    # certificate cannot be checked) defers it; the rest are delivered.
+    refused: Mapping[str, GatewayError] = field(default_factory=dict)
     # recipient address -> fingerprint of the certificate or key it was encrypted to
     recipient_keys: Mapping[str, str] = field(default_factory=dict)
     signer_key: str | None = None  # fingerprint of the gateway identity that signed

@@ -232,9 +232,8 @@ class SmimeAdapter:
                 enhanced="5.3.5", reason=Reason.WRAP_FAILED,
                 detail=f"network {context.network}: identity with certificate and key required",
             )
-        refused: dict[str, PermanentFailure] = {}
+        refused: dict[str, GatewayError] = {}
         chosen: dict[str, x509.Certificate] = {}
-        unknown: dict[str, str] = {}
         for address in context.recipients:
             certificate, why, revocation_unknown_only = self._recipient_certificate(
                 address, context
@@ -242,7 +241,10 @@ class SmimeAdapter:
             if certificate is not None:
                 chosen[address] = certificate
             elif revocation_unknown_only:
-                unknown[address] = why
+                # A stale or badly signed CRL is the operator's to fix, not the recipient's:
+                # this recipient waits (never plaintext, never a bounce before the give-up
+                # time) and is judged again at the next attempt; the others go now.
+                refused[address] = revocation_unknown(f"{address}: {why}")
             else:
                 refused[address] = PermanentFailure(
                     f"No valid S/MIME certificate is known for {address}; ask the recipient "
@@ -250,12 +252,6 @@ class SmimeAdapter:
                     enhanced="5.7.1", reason=Reason.NO_RECIPIENT_KEY,
                     detail=f"{address}: {why}",
                 )
-        if unknown:
-            # A stale or badly signed CRL is the operator's to fix, not the recipient's: the
-            # message waits (never plaintext, never a bounce before the give-up time). The
-            # adapter interface can only refuse a recipient for good, so the whole network's
-            # share waits; after a CRL refresh every recipient is judged again.
-            raise revocation_unknown("; ".join(f"{a}: {why}" for a, why in unknown.items()))
         signer_key = fingerprint(identity.certificate)
         if not chosen:
             return Wrapped(content=b"", refused=refused, signer_key=signer_key)

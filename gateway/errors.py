@@ -34,6 +34,7 @@ class Reason(enum.StrEnum):
     MALFORMED = "malformed"
     SMUGGLING = "smuggling"
     SPOOL_UNAVAILABLE = "spool_unavailable"
+    AUDIT_UNAVAILABLE = "audit_unavailable"
     SIGNATURE_MISSING = "signature_missing"
     SIGNATURE_INVALID = "signature_invalid"
     UNTRUSTED_SIGNER = "untrusted_signer"

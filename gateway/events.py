@@ -98,11 +98,19 @@ class Events:
         }
 
     def received(self, envelope: Envelope) -> None:
+        """The `received` audit record, written before the 250 (the caller makes it durable)."""
+        self._audit("received", **self._envelope_fields(envelope))
+
+    def accepted(self, envelope: Envelope) -> None:
+        """The 250 is about to be given: the record is durable, so count and log it now.
+
+        Counting before would count a message whose audit write failed and that the peer
+        was told to send again (451), twice in the end.
+        """
         log.info("%s: received from=<%s> nrcpt=%d size=%d network=%s peer=%s",
                  envelope.queue_id, envelope.sender, len(envelope.recipients), envelope.size,
                  envelope.source_network, envelope.peer.address)
         self.metrics.received.labels(envelope.source_network).inc()
-        self._audit("received", **self._envelope_fields(envelope))
 
     def rejected(self, server: Any, command: str, argument: str, error: GatewayError) -> None:
         network = "unknown"
@@ -123,6 +131,8 @@ class Events:
             signer=verdict.signer, signer_subject=verdict.signer_subject,
             fingerprints=list(verdict.fingerprints), encrypted=prepared.encrypted,
             decryption_keys=list(prepared.decryption_keys),
+            # Inner and over-ciphertext signatures, decryption algorithms: facts, never content.
+            notes=list(prepared.notes),
         )
         for batch in prepared.batches:
             self._audit(

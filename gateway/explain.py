@@ -132,7 +132,8 @@ def explain(
             if recipient in wrapped.refused:
                 refusal = wrapped.refused[recipient]
                 out.ok = False
-                out.add("encrypts to", f"MISSING: {refusal.detail} — would bounce "
+                fate = "would bounce" if refusal.permanent else "would wait and be retried"
+                out.add("encrypts to", f"MISSING: {refusal.detail} — {fate} "
                         f"({refusal.enhanced})")
             elif recipient in wrapped.recipient_keys:
                 out.add("encrypts to", _describe_key(runtime, wrapped.recipient_keys[recipient]))

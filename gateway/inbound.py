@@ -595,6 +595,7 @@ class Inbound:
                 self.events.received(envelope)
                 # The `received` record of a message that gets a 250 must survive a crash.
                 await self.events.durable()
+                self.events.accepted(envelope)
             self.accepted(envelope)
         except asyncio.CancelledError:
             task = asyncio.get_running_loop().create_task(self._withdraw(envelope.queue_id))
@@ -607,7 +608,8 @@ class Inbound:
             log.error("%s: could not record the message as received, withdrawing it",
                       envelope.queue_id, exc_info=error)
             await self._withdraw(envelope.queue_id)
-            failure = TemporaryFailure(_UNRECORDED, detail=f"{type(error).__name__}: {error}")
+            failure = TemporaryFailure(_UNRECORDED, detail=f"{type(error).__name__}: {error}",
+                                       reason=Reason.AUDIT_UNAVAILABLE)
             self.rejected(server, "DATA", withdrawn, failure)
             return failure.smtp_reply
         return f"250 2.0.0 Ok: queued as {envelope.queue_id}"

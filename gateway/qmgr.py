@@ -125,12 +125,6 @@ class QueueManager:
         heapq.heappush(self.heap, (when, queue_id))
         self.wakeup.set()
 
-    def accepted(self, envelope: Envelope) -> None:
-        """Called by the accept stage right after the 250."""
-        if self.events is not None:
-            self.events.received(envelope)
-        self.schedule(envelope.queue_id)
-
     def recover(self) -> int:
         """Schedule everything the spool holds (at start, after a crash)."""
         count = 0

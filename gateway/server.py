@@ -149,12 +149,17 @@ class Gateway:
         return True
 
     def health(self) -> tuple[bool, str]:
-        """Ready only when the listeners are bound, the spool is writable and keys are loaded."""
+        """Ready only when the listeners are bound, the spool and the audit trail take a write
+        and have room for one message of the largest size accepted, and keys are loaded."""
         if not self.inbound.servers:
             return False, "listeners are not bound"
-        if not os.access(self.spool.root / "active", os.W_OK):
-            return False, "the spool is not writable"
         runtime = self._runtime
+        room = runtime.config.gateway.max_message_size
+        for what, folder in (("spool", self.spool.root / "incoming"),
+                             ("audit trail", self.audit.folder)):
+            problem = _write_problem(folder, room)
+            if problem:
+                return False, f"the {what} cannot be written: {problem}"
         for network in runtime.config.networks.values():
             if network.identity and network.identity not in runtime.keyring.identities:
                 return False, f"identity {network.identity} is not loaded"
@@ -207,6 +212,27 @@ class Gateway:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def _write_problem(folder: Path, room: int) -> str | None:
+    """Why `folder` cannot take a message now, or None. A real create and unlink, not a mode
+    check: a read-only mount, a full inode table or a vanished folder all show here (and a
+    mode check says nothing when running as root). No fsync: the health check must answer
+    quickly even when the disk is slow."""
+    probe = folder / f".healthz-{os.getpid()}"
+    try:
+        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(descriptor, b"ok")
+        finally:
+            os.close(descriptor)
+            os.unlink(probe)
+        free = os.statvfs(folder)
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    if free.f_bavail * free.f_frsize < room:
+        return f"less free space than one message of the largest size ({room} octets)"
+    return None
 
 
 async def serve(config_path: Path) -> None:

@@ -106,8 +106,7 @@ async def test_tls_downgrade_required_relay_never_sends_in_clear(
     world = world_factory()
     # The hospital's next hop (tls: required) is replaced by one that stopped offering STARTTLS.
     port = world.sinks["hospital"].port
-    stripped = Sink("hospital", None)
-    stripped.port = port
+    stripped = Sink("hospital", None, port=port)
     world.sinks["hospital"] = stripped
     async with start(world) as running:
         await running.send("a@clinique-test.fr", ["b@chu-test.fr"],

@@ -73,10 +73,18 @@ class SinkHandler:
 
 
 class Sink:
-    def __init__(self, name: str, tls: ssl.SSLContext | None) -> None:
+    def __init__(self, name: str, tls: ssl.SSLContext | None, port: int | None = None) -> None:
         self.name = name
         self.tls = tls
-        self.port = free_port()
+        self._reserved: socket.socket | None = None
+        if port is None:
+            # The port stays bound from now on, so no other test (nor an outgoing connection)
+            # can take it between the moment the world's routing.yaml names it and start().
+            self._reserved = socket.socket()
+            self._reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._reserved.bind(("127.0.0.1", 0))
+            port = int(self._reserved.getsockname()[1])
+        self.port = port  # given: another sink's port, taken over (it must not be listening)
         self.handler = SinkHandler()
         self.server: asyncio.Server | None = None
         self.protocols: list[SMTP] = []
@@ -91,10 +99,17 @@ class Sink:
             self.protocols.append(protocol)
             return protocol
 
-        self.server = await loop.create_server(factory, "127.0.0.1", self.port)
+        if self._reserved is not None:
+            reserved, self._reserved = self._reserved, None
+            self.server = await loop.create_server(factory, sock=reserved)
+        else:  # started again after stop(): the next hop comes back on the same port
+            self.server = await loop.create_server(factory, "127.0.0.1", self.port)
 
     async def stop(self) -> None:
         """The next hop goes down: no more connections, and open ones are cut."""
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
         if self.server is not None:
             self.server.close()
             self.server = None

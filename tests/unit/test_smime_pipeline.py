@@ -124,6 +124,24 @@ def test_recipient_with_a_stale_crl_is_deferred_not_bounced(pki: SmimePki) -> No
     assert "stale" in prepared.failed["bob@medecin.fr"].detail
 
 
+def test_only_the_recipient_whose_crl_is_stale_waits_the_others_are_delivered() -> None:
+    pki = SmimePki.create()
+    pki.person("gw@passerelle.test")
+    pki.person("bob@medecin.fr")  # under the intermediate, whose CRL is stale
+    pki.person("chef@medecin.fr", issuer=pki.root)  # under the root, whose CRL is fresh
+    envelope = outbound(("bob@medecin.fr", "chef@medecin.fr"))
+    prepared = prepare(runtime(pki, stale(pki)), envelope, HOSPITAL_LETTER,
+                       envelope.recipients, NOW)
+    [batch] = prepared.batches
+    assert [r.address for r in batch.recipients] == ["chef@medecin.fr"]
+    assert set(prepared.failed) == {"bob@medecin.fr"}
+    waiting = prepared.failed["bob@medecin.fr"]
+    assert isinstance(waiting, TemporaryFailure) and waiting.smtp_reply.startswith("451 4.7.5 ")
+    opened = SmimeAdapter().unwrap(batch.content,
+                                   unwrap_context(pki, me=pki.people["chef@medecin.fr"]))
+    assert opened.content.endswith(b"\r\n\r\nCompte rendu.\r\n")
+
+
 def test_recipient_with_a_badly_signed_crl_is_deferred_not_bounced(pki: SmimePki) -> None:
     prepared = prepare(runtime(pki, badly_signed(pki)), outbound(), HOSPITAL_LETTER,
                        outbound().recipients, NOW)
