@@ -5,8 +5,11 @@ encrypted text block; each attachment is encrypted on its own and named `<name>.
 ISO-8859-1 for Apicrypt v1 and UTF-8 for v2 (network option `version`). HPRIM lab reports
 (12-line header, `****LAB****` blocks of `TEX|`/`RES|` lines, `****FIN****`,
 `****FINFICHIER****`, CRLF or LF) are carried as opaque octets: after charset conversion the
-text a recipient decrypts is exactly what the sender wrote, so decrypted text is handed on in
-base64 whenever its line breaks are not CRLF.
+text a recipient decrypts is exactly what the sender wrote. Inbound, every form of text the
+network sends (text block, inline encrypted, signed+encrypted, cleartext-signed or
+inline-signed) comes out as the sender's octets under the network's charset label, in base64
+whenever SMTP could not carry them as they are (`adapters.pgpmime.text_part`). A v2 text that
+is not UTF-8 can only be a v1 client's Latin-1, and is labelled so.
 
 Codecs (`codec` option):
 - `openpgp` (default): the blocks are OpenPGP messages, signed by the gateway and encrypted to
@@ -29,7 +32,9 @@ refused by `adapters.pgpkeys.decrypt`, never taken as encrypted.
 
 Untrusted input: the received message in `unwrap`; the inner content in `wrap`. MIME nesting
 deeper than `_MAX_NESTING` is refused: splitting each level rescans its body, so depth
-multiplies the cost.
+multiplies the cost. A message with more blocks than `adapters.pgpkeys.MAX_ENCRYPTED_BLOCKS`
+is refused (5.6.0) before any is opened: each costs private-key operations, or a run of the
+external programs.
 """
 
 from __future__ import annotations
@@ -57,13 +62,20 @@ from adapters.pgpkeys import (
     KeyIndex,
     NetworkKey,
     SignatureCheck,
+    check_block_count,
     decrypt,
     key_index,
     network_key,
     ps,
     signature_verdict,
 )
-from adapters.pgpmime import canonical_crlf, new_boundary, outer_fields, whole_armored
+from adapters.pgpmime import (
+    canonical_crlf,
+    clear_fields,
+    new_boundary,
+    text_part,
+    whole_armored,
+)
 from adapters.pgppackets import has_encryption_packets
 from gateway.errors import GatewayError, PermanentFailure, Reason
 
@@ -147,13 +159,18 @@ def _external(options: _Options) -> ExternalCodec:
                          options.timeout)
 
 
-def _text_part(text: bytes, charset: str) -> bytes:
-    head = f"Content-Type: text/plain; charset={charset}\r\n".encode("ascii")
-    if canonical_crlf(text) == text and all(len(line) <= 998 for line in text.split(b"\r\n")):
-        encoding = b"7bit" if all(b < 0x80 for b in text) else b"8bit"
-        return head + b"Content-Transfer-Encoding: " + encoding + b"\r\n\r\n" + text
-    # Bare LF (HPRIM files often have them) must survive SMTP's CRLF rewriting: base64.
-    return head + b"Content-Transfer-Encoding: base64\r\n\r\n" + _base64(text)
+def _inbound_charset(version: int) -> Callable[[bytes], str]:
+    """The charset label of text received on a network of Apicrypt `version`."""
+    def charset(text: bytes) -> str:
+        if version == 2:
+            try:
+                text.decode("utf-8")
+            except UnicodeDecodeError:
+                # Not UTF-8: a v1 client's Latin-1 (every octet string is); a UTF-8 label
+                # would turn each accent into U+FFFD while the octets stay right.
+                return _CHARSETS[1]
+        return _CHARSETS.get(version, _CHARSETS[1])
+    return charset
 
 
 def _base64(data: bytes) -> bytes:
@@ -271,10 +288,12 @@ class ApicryptAdapter:
             )
 
         apz = [leaf for leaf in leaves if (_filename(leaf) or "").lower().endswith(".apz")]
+        text_charset = _inbound_charset(options.version)
         if (media_type in ("multipart/encrypted", "multipart/signed") and "pgp" in
                 params.get("protocol", "")) or not (apz or v1_text or inline_block):
-            # PGP/MIME or inline OpenPGP from the same network: as the openpgp adapter does.
-            return unwrap_openpgp(raw, context, self.method, self.name)
+            # PGP/MIME or inline OpenPGP from the same network: as the openpgp adapter does,
+            # inline text labelled with the network's charset.
+            return unwrap_openpgp(raw, context, self.method, self.name, text_charset)
         if not all(is_block(leaf) for leaf in leaves):
             # Blocks beside parts in clear (EFAIL-style wrapping): decrypting would deliver the
             # plaintext next to content the author never wrote. Left exactly as it arrived,
@@ -284,6 +303,7 @@ class ApicryptAdapter:
                 notes=("Apicrypt blocks beside unencrypted parts left as they are "
                        "(not an encrypted whole)",),
             )
+        check_block_count(len(leaves))  # every leaf is a block here
         codec: ApicryptCodec
         index = key_index(context.directory)
         pgp: _OpenPgpCodec | None = None
@@ -299,14 +319,14 @@ class ApicryptAdapter:
             pgp = _OpenPgpCodec(network_key(context.identity), index)
             codec = pgp
         parts: list[bytes] = []
-        charset = _CHARSETS.get(options.version, "iso-8859-1")
         for leaf in leaves:
             name = _filename(leaf)
             if name and name.lower().endswith(".apz"):
                 parts.append(_attachment_part(name[:-4], codec.open_attachment(decode_body(leaf))))
             else:
                 block = armored_text.block if armored_text is not None else first_text
-                parts.append(_text_part(codec.open_text(block), charset))
+                text = codec.open_text(block)
+                parts.append(text_part(text, text_charset(text)))
         outer = b"".join(raw_field for n, raw_field in field_blocks(entity.head)
                          if not n.startswith("content-") and n != "mime-version")
         # Unwrap has no randomness: the boundary comes from a digest of the parts.
@@ -400,7 +420,14 @@ class ApicryptAdapter:
                 try:
                     text = data if declared.lower() in (charset, "us-ascii") else (
                         data.decode(declared).encode(charset))
-                except (LookupError, UnicodeError):
+                except LookupError:
+                    raise PermanentFailure(
+                        f"The text is labelled with a character set the gateway does not know "
+                        f"({declared[:40]}); the sender must send it in UTF-8 or ISO-8859-1",
+                        enhanced="5.6.3", reason=Reason.WRAP_FAILED,
+                        detail=f"apicrypt wrap: unknown charset {declared[:40]!r}",
+                    ) from None
+                except UnicodeError:
                     raise PermanentFailure(
                         f"The text cannot be written in {charset} for Apicrypt v"
                         f"{options.version}; the network needs Apicrypt version 2 (UTF-8)",
@@ -416,7 +443,7 @@ class ApicryptAdapter:
                 label = name or f"piece-jointe-{len(parts) + 1}.bin"
                 parts.append(_attachment_part(label + ".apz",
                                               codec.seal_attachment(data, accepted)))
-        content = _assemble(outer_fields(entity.head), parts, context.random)
+        content = _assemble(clear_fields(entity.head), parts, context.random)
         return Wrapped(
             content=content, refused=refused,
             recipient_keys={a: c.fingerprint for a, c in chosen.items()},

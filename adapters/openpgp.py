@@ -8,8 +8,15 @@
             (`multipart/encrypted`); recipients without one are refused, never sent plaintext
 
 Rules that decide verdicts (see `adapters.pgpkeys.signature_verdict`):
-- a signature made over ciphertext (a `multipart/signed` around `multipart/encrypted`) says
-  nothing about the plaintext: it is noted, never reported as the author's signature;
+- a signature made over ciphertext (a `multipart/signed` around `multipart/encrypted`, or
+  around an inline encrypted block) says nothing about the plaintext: anyone who sees the
+  encrypted mail can sign it without reading it (RFC 8551 §3.7 says so of S/MIME, and the
+  same holds here). When no signature covers the plaintext, such a signature makes the
+  verdict `neutral` ("signature covers only the encrypted content", the S/MIME adapter's
+  words), never a pass and never the author's: no signer is reported and a network that
+  requires signatures refuses it. If it does not verify, its failure is the verdict (a
+  broken signature is evidence of tampering either way); that its signer is not the From:
+  address is no failure, since From: names the author of content it does not cover;
 - inline blocks with unprotected text around them, and encrypted sub-parts of a larger
   message, are left as they are: never counted as an encrypted or signed whole (EFAIL);
 - `encrypted` is claimed only when the whole content came out of a decryption of a pure
@@ -17,7 +24,13 @@ Rules that decide verdicts (see `adapters.pgpkeys.signature_verdict`):
   `multipart/encrypted` or inline block holding literal, compressed or signed data, or
   encrypted data with packets appended, is refused (5.7.1), never passed as encrypted;
 - no integrity protection, or a failed integrity check, is a 5.7.7 failure and no plaintext
-  comes out.
+  comes out;
+- each decryption counts against `adapters.pgpkeys.MAX_ENCRYPTED_BLOCKS` (one encrypted part
+  per layer and at most `_MAX_LAYERS` layers keep PGP/MIME far below it; the count is kept so
+  the bound does not rest on the layer limit alone).
+
+Inline text (a body that is one armored block) is handed on as the octets the sender wrote,
+line breaks and all, labelled with a charset it can be in (`adapters.pgpmime.text_part`).
 
 Untrusted input: the received message in `unwrap`; the inner content in `wrap`. Nothing but a
 GatewayError leaves either method: anything a parser raises becomes 5.6.0 malformed.
@@ -25,7 +38,8 @@ GatewayError leaves either method: anything a parser raises becomes 5.6.0 malfor
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from adapters.base import UnwrapContext, Unwrapped, Verdict, WrapContext, Wrapped
@@ -38,11 +52,13 @@ from adapters.cms.entity import (
     parse_entity,
     seven_bit,
 )
+from adapters.cms.verdict import CIPHERTEXT_ONLY
 from adapters.pgpkeys import (
     CertInfo,
     KeyIndex,
     NetworkKey,
     SignatureCheck,
+    check_block_count,
     decrypt,
     encrypt,
     key_index,
@@ -54,10 +70,12 @@ from adapters.pgpkeys import (
 )
 from adapters.pgpmime import (
     canonical_crlf,
+    cleartext,
     encrypted_entity,
     find_armored,
     new_boundary,
     outer_fields,
+    same_signed_text,
     signed_entity,
     text_entity,
     whole_armored,
@@ -91,7 +109,32 @@ class Peeled:
     encrypted: bool = False
     keys: list[str] = field(default_factory=list)
     checks: list[tuple[SignatureCheck, bytes | None]] = field(default_factory=list)
+    # Signatures made before the last decryption: over ciphertext, outermost first.
+    over_ciphertext: list[SignatureCheck] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    blocks: int = 0  # decryptions made
+
+    def decrypted(self, key: str, check: SignatureCheck) -> None:
+        """Record one decryption: what was signed so far covered only its ciphertext."""
+        self.over_ciphertext += [c for c, _ in self.checks]
+        self.checks.clear()
+        self.encrypted = True
+        self.keys.append(key)
+        if check.signed:
+            self.checks.append((check, None))
+
+
+def _inline_charset(declared: str | None, text: bytes) -> str:
+    """A charset label for inline text. The body's label describes the armor but senders set
+    it to their text's charset; it is kept when the text can be in it, else UTF-8 (the
+    OpenPGP default, RFC 9580 §7) when the text is UTF-8, else `unknown-8bit` (RFC 1428)."""
+    for candidate in (declared or "us-ascii", "utf-8"):
+        try:
+            text.decode(candidate)
+        except (LookupError, UnicodeError):
+            continue
+        return candidate
+    return "unknown-8bit"
 
 
 def _merge(outer: list[tuple[str, bytes]], inner: Entity) -> bytes:
@@ -116,8 +159,23 @@ def _two_parts(entity: Entity, params: Mapping[str, str], what: str) -> list[byt
     return parts
 
 
-def peel_openpgp(raw: bytes, key: NetworkKey | None, index: KeyIndex) -> Peeled:
-    """Remove every OpenPGP layer of `raw`, outermost first."""
+def _decrypt(peeled: Peeled, payload: bytes, key: NetworkKey | None, index: KeyIndex) -> bytes:
+    peeled.blocks += 1
+    check_block_count(peeled.blocks)
+    decrypted = decrypt(payload, _need(key), index)
+    peeled.decrypted(decrypted.key, decrypted.check)
+    return decrypted.plaintext
+
+
+def peel_openpgp(
+    raw: bytes, key: NetworkKey | None, index: KeyIndex,
+    text_charset: Callable[[bytes], str] | None = None,
+) -> Peeled:
+    """Remove every OpenPGP layer of `raw`, outermost first.
+
+    `text_charset` names the charset of inline text when the network fixes it (Apicrypt);
+    without it the label is inferred (`_inline_charset`).
+    """
     current = parse_entity(raw)
     outer: list[tuple[str, bytes]] = []
     peeled = Peeled(content=raw)
@@ -128,17 +186,7 @@ def peel_openpgp(raw: bytes, key: NetworkKey | None, index: KeyIndex) -> Peeled:
         inner: bytes
         if media_type == "multipart/encrypted" and protocol == _PGP_ENCRYPTED:
             parts = _two_parts(current, params, "multipart/encrypted")
-            payload = decode_body(parse_entity(parts[1]))
-            decrypted = decrypt(payload, _need(key), index)
-            if peeled.checks:
-                # Signatures over the ciphertext do not vouch for the plaintext.
-                peeled.notes.append("openpgp signature over the encrypted part not counted")
-                peeled.checks.clear()
-            peeled.encrypted = True
-            peeled.keys.append(decrypted.key)
-            if decrypted.check.signed:
-                peeled.checks.append((decrypted.check, None))
-            inner = decrypted.plaintext
+            inner = _decrypt(peeled, decode_body(parse_entity(parts[1])), key, index)
         elif media_type == "multipart/signed" and protocol == _PGP_SIGNATURE:
             parts = _two_parts(current, params, "multipart/signed")
             signature = decode_body(parse_entity(parts[1]))
@@ -157,13 +205,7 @@ def peel_openpgp(raw: bytes, key: NetworkKey | None, index: KeyIndex) -> Peeled:
                     peeled.notes.append("partial inline OpenPGP left as is (not a whole)")
                 break
             if armored.kind == "message" and has_encryption_packets(armored.block):
-                decrypted = decrypt(armored.block, _need(key), index)
-                peeled.checks.clear()
-                peeled.encrypted = True
-                peeled.keys.append(decrypted.key)
-                if decrypted.check.signed:
-                    peeled.checks.append((decrypted.check, None))
-                clear = decrypted.plaintext
+                clear = _decrypt(peeled, armored.block, key, index)
             else:
                 content, check = verify_inline(armored.block, index)
                 peeled.checks.append((check, None))
@@ -172,7 +214,17 @@ def peel_openpgp(raw: bytes, key: NetworkKey | None, index: KeyIndex) -> Peeled:
                     peeled.notes.append("inline signature not verified; body left as is")
                     break
                 clear = content
-            replaced = parse_entity(text_entity(current, clear))
+                if armored.kind == "cleartext":
+                    # pysequoia hands out the signed text without the line break before the
+                    # signature and without trailing blanks; the sender's lines are these.
+                    printed = cleartext(armored.block)
+                    if printed is not None and same_signed_text(printed, content):
+                        clear = printed
+                    else:
+                        peeled.notes.append("cleartext given as verified, not as written")
+            charset = text_charset(clear) if text_charset is not None else _inline_charset(
+                params.get("charset"), clear)
+            replaced = parse_entity(text_entity(current, clear, charset))
             peeled.content = _merge(outer, replaced) if outer else (
                 canonical_crlf(replaced.head) + b"\r\n" + replaced.body
             )
@@ -200,12 +252,25 @@ def _need(key: NetworkKey | None) -> NetworkKey:
     return key
 
 
-def unwrap_openpgp(raw: bytes, context: UnwrapContext, method: str, source: str) -> Unwrapped:
+def _over_ciphertext(layer: Verdict) -> Verdict:
+    """The verdict when the only signature covers ciphertext (see the module docstring)."""
+    if layer.result == "pass" or layer.failure is Reason.SIGNER_MISMATCH:
+        return dataclasses.replace(
+            layer, result="neutral", reason=CIPHERTEXT_ONLY, failure=None, signer=None,
+            signer_subject=None,
+        )
+    return layer
+
+
+def unwrap_openpgp(
+    raw: bytes, context: UnwrapContext, method: str, source: str,
+    text_charset: Callable[[bytes], str] | None = None,
+) -> Unwrapped:
     index = key_index(context.directory)
     key = network_key(context.identity) if context.identity is not None and (
         context.identity.openpgp_secret
     ) else None
-    peeled = peel_openpgp(raw, key, index)
+    peeled = peel_openpgp(raw, key, index, text_charset)
     content_entity = parse_entity(peeled.content)
     from_address = address_of(content_entity.get("from"))
     verdict = Verdict.unsigned(method)
@@ -221,6 +286,15 @@ def unwrap_openpgp(raw: bytes, context: UnwrapContext, method: str, source: str)
                 f"inner openpgp signature: {layer.result} ({layer.reason}); signer "
                 f"{layer.signer or 'unknown'}"
             )
+    for position, check in enumerate(peeled.over_ciphertext):
+        layer = signature_verdict(check, index, from_address, context.now, method)
+        peeled.notes.append(
+            f"openpgp signature over the encrypted part, not over the content: {layer.result} "
+            f"({layer.reason}); signer {layer.signer or 'unknown'}; key "
+            f"{layer.fingerprints[0] if layer.fingerprints else 'unknown'}"
+        )
+        if position == 0 and not peeled.checks:
+            verdict = _over_ciphertext(layer)
     return Unwrapped(
         content=peeled.content,
         signature=verdict,

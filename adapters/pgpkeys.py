@@ -61,11 +61,13 @@ from adapters.pgppackets import (
 from gateway.errors import PermanentFailure, Reason
 
 __all__ = [
+    "MAX_ENCRYPTED_BLOCKS",
     "CertInfo",
     "Decryption",
     "KeyIndex",
     "NetworkKey",
     "SignatureCheck",
+    "check_block_count",
     "decrypt",
     "encrypt",
     "generate_identity",
@@ -409,6 +411,23 @@ class Decryption:
 
 def _failure(phrase: str, reason: Reason, enhanced: str, detail: str) -> PermanentFailure:
     return PermanentFailure(phrase, enhanced=enhanced, reason=reason, detail=detail)
+
+
+# Each encrypted block of a message (an Apicrypt text block or `.apz` attachment, a PGP/MIME
+# layer) costs private-key operations: a message is refused, before any is tried, when it
+# holds more than a letter with a generous bundle of attachments ever does.
+MAX_ENCRYPTED_BLOCKS = 256
+
+
+def check_block_count(count: int) -> None:
+    """Refuse (5.6.0) a message that holds more than `MAX_ENCRYPTED_BLOCKS` encrypted blocks."""
+    if count > MAX_ENCRYPTED_BLOCKS:
+        raise _failure(
+            f"The message holds {count} encrypted parts and the gateway decrypts at most "
+            f"{MAX_ENCRYPTED_BLOCKS} in one message; send the attachments in several messages",
+            Reason.MALFORMED, "5.6.0",
+            f"openpgp: {count} encrypted blocks, more than {MAX_ENCRYPTED_BLOCKS}",
+        )
 
 
 def _structure(message: bytes) -> EncryptedMessage:

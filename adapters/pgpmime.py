@@ -9,7 +9,10 @@ ends). RFC 3156 §4 and §6.1: `multipart/encrypted` carries `application/pgp-en
 
 Inline armored text (RFC 9580 §6, §7) is recognised only when the whole body is one block:
 text around a block is unprotected and must never pass as part of a signed or encrypted whole
-(EFAIL-style wrapping, Thunderbird's partial-inline rule).
+(EFAIL-style wrapping, Thunderbird's partial-inline rule). The text inside a block goes on as
+the octets the sender wrote (`text_part`, `cleartext`): HPRIM reports and EHR imports depend
+on their line ends and charset, so neither is rewritten (RFC 2045 §6.8 base64 when SMTP could
+not carry them).
 
 Untrusted input: every entity handed to the readers here. Armor markers are found with
 `bytes.find`, one pass each, never with a backtracking regular expression: a body full of
@@ -18,6 +21,7 @@ BEGIN lines without an END must cost no more than reading it.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,12 +32,17 @@ __all__ = [
     "ROUTING_FIELDS",
     "ArmoredBody",
     "canonical_crlf",
+    "charset_label",
+    "clear_fields",
+    "cleartext",
     "encrypted_entity",
     "find_armored",
     "new_boundary",
     "outer_fields",
+    "same_signed_text",
     "signed_entity",
     "text_entity",
+    "text_part",
     "whole_armored",
 ]
 
@@ -43,11 +52,15 @@ _BEGIN_SIGNATURE = b"-----BEGIN PGP SIGNATURE-----"
 _END_MESSAGE = b"-----END PGP MESSAGE-----"
 _END_SIGNATURE = b"-----END PGP SIGNATURE-----"
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+_CHARSET_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,39}")
+_MAX_LINE = 998  # RFC 5322 §2.1.1, without the CRLF
 # Header fields repeated on the encrypted envelope so that MTAs route it and clients list it;
 # the authoritative copies travel inside, signed.
 ROUTING_FIELDS = (
     "from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id",
     "in-reply-to", "references",
+    # A client offers a read receipt (RFC 8098 §2.1) from the header it shows, the outer one.
+    "disposition-notification-to", "disposition-notification-options",
 )
 # The gateway's trace headers go on the envelope too: an Apicrypt client shows only the outer
 # headers, and the recipient must see what the gateway verified (DESIGN.md §4).
@@ -119,6 +132,17 @@ def outer_fields(head: bytes) -> bytes:
     )
 
 
+def clear_fields(head: bytes) -> bytes:
+    """Every header field but the MIME ones, CRLF-terminated: a layout whose header block
+    travels in clear and is all its reader sees (Apicrypt) keeps the sender's fields there —
+    receipt requests, MSSanté `X-MSS-*` — while the new body brings its own MIME fields."""
+    return b"".join(
+        canonical_crlf(raw.rstrip(b"\r\n")) + b"\r\n"
+        for name, raw in field_blocks(head)
+        if not name.startswith("content-") and name != "mime-version"
+    )
+
+
 def signed_entity(to_sign: bytes, signature: bytes, micalg: str, boundary: bytes) -> bytes:
     """A `multipart/signed` entity (RFC 3156 §5) around exactly `to_sign`."""
     return (
@@ -163,13 +187,84 @@ def encrypted_entity(outer: bytes, armored: bytes, boundary: bytes) -> bytes:
     )
 
 
-def text_entity(entity: Entity, text: bytes) -> bytes:
-    """`entity` with `text` as its body: transfer encoding set to what the text needs."""
+def cleartext(block: bytes) -> bytes | None:
+    """The text of a cleartext-signed block (RFC 9580 §7) as GnuPG prints it, else None.
+
+    Every line between the armor headers' empty line and the signature armor line, dash
+    escapes removed, each with its own line break, the last one included. RFC 9580 §7.1 leaves
+    that last line break out of what the signature covers; GnuPG writes a text's final line
+    break there and `gpg --decrypt` prints it back, so a newline-terminated HPRIM file comes
+    out whole. The caller checks the result against what pysequoia verified
+    (`same_signed_text`) before handing it on.
+    """
+    lines = iter(block.splitlines(keepends=True))
+    first = next(lines, b"")
+    if first.rstrip() != _BEGIN_SIGNED:
+        return None
+    for line in lines:  # armor headers ("Hash: SHA256"), then one blank line
+        if not line.strip():
+            break
+    else:
+        return None
+    text: list[bytes] = []
+    for line in lines:
+        if line.startswith(_BEGIN_SIGNATURE):
+            return b"".join(text)
+        text.append(line[2:] if line.startswith(b"- ") else line)
+    return None
+
+
+def same_signed_text(printed: bytes, verified: bytes) -> bool:
+    """Whether `printed` (from `cleartext`) is the text pysequoia verified, up to what a
+    cleartext signature does not cover (RFC 9580 §7.2): the form of line breaks, spaces and
+    tabs at the end of lines, and the line break before the signature armor."""
+    if printed.endswith(b"\r\n"):
+        printed = printed[:-2]
+    elif printed.endswith((b"\n", b"\r")):
+        printed = printed[:-1]
+    return _signed_form(printed) == _signed_form(verified)
+
+
+def _signed_form(text: bytes) -> bytes:
+    return b"\r\n".join(line.rstrip(b" \t") for line in canonical_crlf(text).split(b"\r\n"))
+
+
+def charset_label(charset: str) -> str:
+    """`charset` if it is a plausible charset token, else `unknown-8bit` (RFC 1428)."""
+    return charset.lower() if _CHARSET_TOKEN.fullmatch(charset) else "unknown-8bit"
+
+
+def text_part(text: bytes, charset: str) -> bytes:
+    """A text/plain entity whose decoded body is exactly `text`, labelled `charset`.
+
+    SMTP carries lines ending in CRLF, at most 998 octets, no NUL; and the line break before
+    the end of the data belongs to the SMTP terminator. Text that is all such lines goes as it
+    is (7bit or 8bit). Anything else (bare LF or CR as HPRIM files often have, a missing final
+    line break, long lines) goes in base64: its decoder yields the octets unchanged. Not
+    quoted-printable: its line breaks stand for CRLF (RFC 2045 §6.7), so a bare LF would have to
+    be written =0A, and decoders that re-canonicalise text line breaks differ on it; base64 is
+    also what `adapters.cms.entity.seven_bit` uses, so the gateway has one rule for this.
+    """
+    lines = text.split(b"\r\n")
+    plain = (
+        (not text or text.endswith(b"\r\n")) and canonical_crlf(text) == text
+        and b"\x00" not in text and all(len(line) <= _MAX_LINE for line in lines)
+    )
+    head = b"Content-Type: text/plain; charset=" + charset_label(charset).encode("ascii") + b"\r\n"
+    if plain:
+        encoding = b"7bit" if text.isascii() else b"8bit"
+        return head + b"Content-Transfer-Encoding: " + encoding + b"\r\n\r\n" + text
+    encoded = base64.b64encode(text)
+    body = b"".join(encoded[i: i + 76] + b"\r\n" for i in range(0, len(encoded), 76))
+    return head + b"Content-Transfer-Encoding: base64\r\n\r\n" + body
+
+
+def text_entity(entity: Entity, text: bytes, charset: str) -> bytes:
+    """`entity` with `text` as its body (`text_part`): its Content-Type and transfer encoding
+    described the armored block, so they are replaced; its other fields are kept."""
     kept = b"".join(
         canonical_crlf(raw.rstrip(b"\r\n")) + b"\r\n"
         for name, raw in field_blocks(entity.head)
-        if name != "content-transfer-encoding"
+        if name not in ("content-type", "content-transfer-encoding")
     )
-    body = canonical_crlf(text)
-    encoding = b"7bit" if all(b < 0x80 for b in body) else b"8bit"
-    return kept + b"Content-Transfer-Encoding: " + encoding + b"\r\n\r\n" + body
+    return kept + text_part(text, charset)

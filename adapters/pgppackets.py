@@ -23,9 +23,11 @@ pysequoia covers most of the gateway's OpenPGP work, but three things it cannot 
 
 What counts as an encrypted message is decided here, on the top-level packets, before any
 decryption: `encrypted_message` accepts only session-key packets (PKESK, SKESK), then exactly
-one integrity-protected container (SEIPD, tag 18, or AEAD, tag 20), and nothing after it
-(RFC 9580 §10.3; marker and padding packets aside). A literal, compressed or signed message,
-or encrypted data with anything appended, is not an encrypted message (EFAIL-style mixing).
+one integrity-protected container (SEIPD, tag 18, or AEAD, tag 20), and nothing after it but
+padding packets (RFC 9580 §10.3; marker and padding packets may also stand before the
+container, and RFC 9580 §5.14 lets padding stand anywhere in a message). A literal,
+compressed or signed message, or encrypted data with anything else appended, is not an
+encrypted message (EFAIL-style mixing). Padding carries no data and is dropped.
 
 Key material and signatures use `cryptography` (Ed25519, X25519, RSA, AES key wrap, AES-CFB,
 AES-OCB3). Armor (RFC 9580 §6) is read by `dearmor`, a single pass over the text.
@@ -122,7 +124,7 @@ _NAMES = {
     TAG_SKESK: "symmetric session key packet", TAG_OPS: "one-pass signature packet",
     TAG_COMPRESSED: "compressed data packet", TAG_SED: "unprotected encrypted data packet",
     TAG_LITERAL: "literal (unencrypted) data packet", TAG_SEIPD: "encrypted data packet",
-    TAG_AED: "AEAD encrypted data packet",
+    TAG_AED: "AEAD encrypted data packet", TAG_MARKER: "marker packet",
 }
 
 
@@ -304,13 +306,15 @@ def encrypted_message(binary: bytes) -> EncryptedMessage:
     """The structure of an encrypted message, or an exception saying why it is not one.
 
     Raises NoIntegrity for a tag-9 container, NotEncrypted for any other sequence (a literal,
-    compressed or signed message; encrypted data followed by anything; a container with no
-    session-key packet), PacketError when the octets are not packets at all.
+    compressed or signed message; encrypted data followed by anything but padding; a container
+    with no session-key packet), PacketError when the octets are not packets at all.
     """
     session_keys: list[Packet] = []
     container: Packet | None = None
     for item in iter_packets(binary):
         if container is not None:
+            if item.tag == TAG_PADDING:
+                continue
             if item.tag == TAG_SED:
                 raise NoIntegrity("unprotected encrypted data packet after the encrypted data")
             raise NotEncrypted(f"{_name(item.tag)} after the encrypted data")

@@ -135,7 +135,7 @@ def _whitelist_problems(config: Config) -> tuple[MssanteWhitelist | None, list[P
     except WhitelistError as error:
         return None, [problem(f"{error}; {download}")]
     problems: list[Problem] = []
-    checksum = verify_checksum(path)
+    checksum = verify_checksum(path, whitelist)
     if not checksum.ok:
         # A list that does not match its published digest may have been altered: it decides
         # who may send health data, so it is refused, not warned about.

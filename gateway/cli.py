@@ -189,7 +189,7 @@ def cmd_whitelist(config: Path, domain: str) -> int:
     normalised = normalise_domain(domain)
     if normalised is None:
         raise Failure(f"{domain!r} is not a domain name")
-    checksum = verify_checksum(path)
+    checksum = verify_checksum(path, whitelist)
     print(f"list:      {path} (generated {whitelist.generated or 'at an unknown date'}, "
           f"{len(whitelist)} entries; checksum: {checksum.message})")
     network = settings.network_for_domain(normalised)

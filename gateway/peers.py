@@ -10,7 +10,9 @@ certificate subject is one of `subjects:` (RFC 4514/4518 comparison, never the C
 address is within `addresses:`, and for `whitelist: mssante` its certificate's subject DN is
 listed in the MSSanté whitelist for the MAIL FROM domain (for the null sender: for any domain of
 that network). A network that states no criterion accepts nobody: the default is deny. A peer
-that matches several networks is resolved by the MAIL FROM domain.
+that matches several networks is resolved by the MAIL FROM domain: the sender's domain belongs
+to the network routing would send it to (an exact name wins over a wildcard), and the peer
+must be authenticated for that network.
 
 A certificate only authenticates a peer after the gateway has checked it again at MAIL time,
 the way RFC 5280 asks and the handshake does not: path to the anchors, validity, CRLs of the
@@ -228,14 +230,23 @@ def _listed_for_domain(network: NetworkSettings, subject: DistinguishedName, dom
     return whitelist is not None and subject in whitelist.operators(domain)
 
 
-def _listed_for_network(network: NetworkSettings, subject: DistinguishedName,
+def _owner(config: Config, domain: str) -> str | None:
+    """The name of the network a (normalised) domain belongs to: an exact name wins over a
+    wildcard, as for routing."""
+    network = config.network_for_domain(domain)
+    return network.name if network is not None else None
+
+
+def _listed_for_network(config: Config, network: NetworkSettings, subject: DistinguishedName,
                         whitelist: Whitelist | None) -> bool:
-    """For the null sender: the DN is listed for some domain that the network claims."""
+    """For the null sender: the DN is listed for some domain that belongs to the network
+    (not one that its wildcard covers but another network names exactly)."""
     if not network.peers.whitelist:
         return True
     if whitelist is None:
         return False
-    return any(network.claims(domain) for domain in whitelist.domains_for(subject))
+    return any(_owner(config, domain) == network.name
+               for domain in whitelist.domains_for(subject))
 
 
 def resolve_source(
@@ -269,39 +280,42 @@ def resolve_source(
             smtp_code=550, enhanced="5.7.1", reason=Reason.SENDER_NOT_ALLOWED,
             detail=f"peer {peer.address}: MAIL FROM domain {sender_domain!r} is not IDNA-valid",
         )
-    if refused is not None and (
-        not found or (domain is not None and not any(n.claims(domain) for n in found))
-    ):
+    # The sender's domain belongs to one network, the one routing would send it to (an
+    # exact name wins over a wildcard): the peer must be authenticated for that one, so that
+    # a wildcard network listed first never takes another network's domain.
+    owner = None if domain is None else _owner(config, domain)
+    network = next((n for n in found if n.name == owner), None)
+    if refused is not None and (not found or (domain is not None and network is None)):
         raise refused
     if not found:
         raise _not_authorized(f"peer {peer.address} matches no network's peers:")
     subject = peer.subject
     if domain is None:
-        for network in found:
-            if not network.peers.whitelist or (
-                subject is not None and _listed_for_network(network, subject, whitelist)
+        for candidate in found:
+            if not candidate.peers.whitelist or (
+                subject is not None
+                and _listed_for_network(config, candidate, subject, whitelist)
             ):
-                return network
+                return candidate
         raise _not_authorized(
             f"peer {peer.address} subject {peer.subject_text!r} is not listed in the whitelist "
             f"for any domain of {', '.join(n.name for n in found)} (null sender)"
         )
-    for network in found:
-        if network.claims(domain):
-            if network.peers.whitelist and (
-                subject is None or not _listed_for_domain(network, subject, domain, whitelist)
-            ):
-                expected = whitelist.operators(domain) if whitelist is not None else ()
-                raise _not_authorized(
-                    f"peer {peer.address} presented {peer.subject_text!r}, which is not listed "
-                    f"in the MSSanté whitelist for {domain}; {_expected(expected)}"
-                )
-            return network
+    if network is not None:
+        if network.peers.whitelist and (
+            subject is None or not _listed_for_domain(network, subject, domain, whitelist)
+        ):
+            expected = whitelist.operators(domain) if whitelist is not None else ()
+            raise _not_authorized(
+                f"peer {peer.address} presented {peer.subject_text!r}, which is not listed "
+                f"in the MSSanté whitelist for {domain}; {_expected(expected)}"
+            )
+        return network
     raise PermanentFailure(
         f"Sender domain {sender_domain} does not belong to the network this peer sends for",
         smtp_code=550, enhanced="5.7.1", reason=Reason.SENDER_NOT_ALLOWED,
-        detail=f"peer {peer.address} may send for {', '.join(n.name for n in found)}, "
-        f"none of which claims {domain}",
+        detail=f"peer {peer.address} may send for {', '.join(n.name for n in found)}, but "
+        f"{domain} belongs to {owner or 'no network'}",
     )
 
 

@@ -49,6 +49,7 @@ class Issued:
     key: CertificateIssuerPrivateKeyTypes
     issuer: Issued | None = None
     revoked: list[int] = field(default_factory=list)  # serials this CA revoked
+    crl_number: int = 0  # of the last CRL issued
 
     @property
     def cert_pem(self) -> bytes:
@@ -158,11 +159,20 @@ class Issued:
         """A CRL of this CA (signed by `signer` instead, to make a badly signed one)."""
         last_update = last_update or NOW - dt.timedelta(hours=1)
         next_update = next_update or NOW + dt.timedelta(days=7)
+        # RFC 5280 §5.2: a conforming CRL names its signing key and carries an increasing
+        # number, as the IGC-Santé CRLs do.
+        self.crl_number += 1
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.certificate.subject)
             .last_update(last_update)
             .next_update(next_update)
+            .add_extension(x509.CRLNumber(self.crl_number), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    (signer or self).key.public_key()),
+                critical=False,
+            )
         )
         for serial in self.revoked:
             builder = builder.add_revoked_certificate(

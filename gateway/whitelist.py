@@ -18,7 +18,9 @@ file. The official files end without their closing root tag (they stop after
 `gateway check` shows as a warning. Anything else malformed is refused with the reason: a
 document cut before `</ListeDomaines>` (an interrupted download), another root element,
 elements after the list, a DTD (entity declarations are how XML bombs work, and the real list
-has none). An entry whose DN cannot be read is skipped and reported, never guessed at.
+has none), a document in an encoding whose markup is not ASCII bytes (in UTF-16 a DTD would
+not show as the bytes `<!DOCTYPE`). An entry whose DN cannot be read is skipped and
+reported, never guessed at.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ _ENTRY = "Domaine"
 MAX_SIZE = 256 * 1024 * 1024
 _NO_ELEMENTS = 3  # expat XML_ERROR_NO_ELEMENTS: the document ended with elements open
 _HEX64 = re.compile(rb"\b[0-9a-fA-F]{64}\b")
+_DECLARED_ENCODING = re.compile(rb"""\s*<\?xml\s[^>]*?\bencoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
+# UTF-8 and the encodings whose documents are also ASCII in their markup.
+_READABLE = frozenset({"utf-8", "utf8", "us-ascii", "ascii", "iso-8859-1", "latin-1", "latin1"})
 
 
 class WhitelistError(ValueError):
@@ -84,6 +89,7 @@ class MssanteWhitelist:
     details: tuple[Entry, ...] = field(default=(), repr=False)
     by_operator: dict[DistinguishedName, frozenset[str]] = field(default_factory=dict,
                                                                  repr=False)
+    sha256: str = ""  # of the octets parsed: the checksum is verified over what was loaded
 
     def operators(self, domain: str) -> Collection[DistinguishedName]:
         """Operator certificate DNs listed for `domain` (empty when the domain is not listed)."""
@@ -211,6 +217,15 @@ def parse_whitelist(data: bytes) -> MssanteWhitelist:
     """Read the list from its bytes; WhitelistError says why it cannot be used."""
     if len(data) > MAX_SIZE:
         raise WhitelistError(f"the file is {len(data)} bytes, too large for an MSSanté whitelist")
+    # The list is published in UTF-8. In UTF-16 or UTF-32 every ASCII character carries NUL
+    # bytes, so the DTD check below would not see `<!DOCTYPE`: such documents, and any other
+    # declared encoding than UTF-8 or an ASCII-compatible one, are refused first.
+    declared = _DECLARED_ENCODING.match(data.removeprefix(b"\xef\xbb\xbf"))
+    if b"\x00" in data or data.startswith((b"\xff\xfe", b"\xfe\xff")) or (
+        declared is not None and declared.group(1).decode("ascii").lower() not in _READABLE
+    ):
+        raise WhitelistError("the file is not in UTF-8, the encoding the MSSanté list is "
+                             "published in")
     # The list never has a DTD; refusing one rules out entity expansion attacks (billion
     # laughs) before the XML parser sees the document.
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
@@ -250,6 +265,7 @@ def parse_whitelist(data: bytes) -> MssanteWhitelist:
         problems=tuple(reader.problems),
         details=tuple(reader.entries),
         by_operator={dn: frozenset(domains) for dn, domains in by_operator.items()},
+        sha256=hashlib.sha256(data).hexdigest(),
     )
 
 
@@ -282,13 +298,17 @@ def checksum_path(path: Path) -> Path | None:
     return next((c for c in candidates if c.exists()), None)
 
 
-def verify_checksum(path: Path) -> Checksum:
+def verify_checksum(path: Path, loaded: MssanteWhitelist | None = None) -> Checksum:
+    """Compare the list with its published digest: the digest of the octets `loaded` was
+    parsed from when given (so a list replaced between loading and checking cannot pass on
+    the new file's digest), otherwise of the file as it is now."""
     found = checksum_path(path)
     if found is None:
         return Checksum(None, True, "no checksum file")
     try:
         expected_text = found.read_bytes()
-        data = path.read_bytes()
+        actual = loaded.sha256 if loaded is not None and loaded.sha256 else (
+            hashlib.sha256(path.read_bytes()).hexdigest())
     except OSError as error:
         return Checksum(found, False, f"cannot read {error.filename}: {error.strerror}")
     # `sha256sum` writes "<hex>  <name>"; the ANS file holds the bare hex digest.
@@ -296,7 +316,6 @@ def verify_checksum(path: Path) -> Checksum:
     if match is None:
         return Checksum(found, False, f"{found.name} holds no SHA-256 digest")
     expected = match.group(0).decode("ascii").lower()
-    actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         return Checksum(found, False, f"the SHA-256 of {path.name} is {actual}, but {found.name} "
                         f"says {expected}")

@@ -6,8 +6,12 @@
   Authentication-Results smime=pass.
 - @medecin unsigned -> refused by `require: signature`, and the DSN goes back into the S/MIME
   network signed and encrypted to the sender.
-- Apicrypt GP (gpg, inline signed + encrypted HPRIM) -> hospital: clear text, x-apicrypt=pass.
-- hospital -> Apicrypt GP: gpg decrypts body and .apz attachment with the GP's key.
+- Apicrypt GP (gpg, inline signed + encrypted HPRIM, LF or CRLF) -> hospital: the text part's
+  decoded octets are the GP's, labelled ISO-8859-1 (the network is v1), and
+  Authentication-Results names the GP's address and key: x-apicrypt=pass.
+- hospital -> Apicrypt GP: gpg decrypts body and .apz attachment with the GP's key and finds
+  the hospital's text converted to ISO-8859-1, and the attachment, octet for octet, signed by
+  the gateway's key.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from tests.support.crypto_world import DOCTOR, GATEWAY_PGP, GP, CryptoWorld, bui
 
 pytestmark = [pytest.mark.e2e, pytest.mark.interop]
 
-HPRIM = (
+HPRIM_TEXT = (
     "H.P.R.I.M.\n"
     "DUPONT\nJEAN\n12 RUE DES LILAS\n\n75011 PARIS\n01/02/1950\n\n"
     "123456\n23/11/2026\nDr GP\nLABO TEST\n"
@@ -37,7 +41,20 @@ HPRIM = (
     "RES|Hémoglobine|HB|N|14.2|g/dl|13.0|17.0|N|F|\n"
     "****FIN****\n"
     "****FINFICHIER****\n"
-).encode("iso-8859-1")
+)
+HPRIM = HPRIM_TEXT.encode("iso-8859-1")
+
+
+def trace_fields(trace: list[bytes]) -> list[str]:
+    """The gateway's trace header fields, unfolded (RFC 5322 §2.2.3)."""
+    fields: list[str] = []
+    for line in trace:
+        text = line.decode("ascii")
+        if text[:1] in (" ", "\t"):
+            fields[-1] += " " + text.lstrip(" \t")
+        else:
+            fields.append(text)
+    return fields
 
 
 def openssl(*args: str | Path, data: bytes | None = None) -> bytes:
@@ -143,13 +160,15 @@ async def test_unsigned_mail_from_smime_network_bounces_with_an_encrypted_dsn(
     assert b"requires a valid signature" in report
 
 
+@pytest.mark.parametrize("line_end", ["\n", "\r\n"], ids=["lf", "crlf"])
 async def test_apicrypt_gp_sends_hprim_report_to_the_hospital(
-    crypto: tuple[CryptoWorld, Running],
+    crypto: tuple[CryptoWorld, Running], line_end: str,
 ) -> None:
     built, running = crypto
     world = built.world
+    written = HPRIM.replace(b"\n", line_end.encode())
     block = built.gpg.run("--armor", "--sign", "--encrypt", "-r", GATEWAY_PGP, "-u",
-                          built.gp_fingerprint, input=HPRIM).output
+                          built.gp_fingerprint, input=written).output
     assert block.startswith(b"-----BEGIN PGP MESSAGE-----")
     data = (
         f"From: <{GP}>\r\nTo: <dr.martin@chu-test.fr>\r\nSubject: Resultats DUPONT\r\n"
@@ -159,31 +178,48 @@ async def test_apicrypt_gp_sends_hprim_report_to_the_hospital(
     await running.send(GP, ["dr.martin@chu-test.fr"], data)
     [got] = await world.sinks["hospital"].wait(timeout=30)
     trace, rest = split_trace(got.data)
-    results = b"\r\n".join(t for t in trace if not t.startswith(b"Received"))
-    assert b"x-apicrypt=pass" in results, results
+    results = [f for f in trace_fields(trace) if f.startswith("Authentication-Results:")]
+    # Who signed: the GP's address and the fingerprint of the GP's key, nothing else.
+    assert results == [
+        "Authentication-Results: passerelle.test; x-apicrypt=pass (signature verified) "
+        f"header.from={GP} x-apicrypt.fingerprint={built.gp_fingerprint}"
+    ]
     message = email.message_from_bytes(rest, policy=email.policy.compat32)
-    part = next(p for p in message.walk() if p.get_content_maintype() == "text")
+    [part] = [p for p in message.walk() if p.get_content_maintype() == "text"]
     payload = part.get_payload(decode=True)
     assert isinstance(payload, bytes)
-    # The HPRIM text passes byte for byte once decoded to the sender's charset.
-    assert payload.replace(b"\r\n", b"\n") == HPRIM
+    # The octets the GP wrote, line ends included, under the v1 network's charset...
+    assert payload == written
+    assert part.get_content_charset() == "iso-8859-1"
+    # ...so that the text the hospital reads is the text the GP wrote.
+    assert payload.decode(part.get_content_charset()) == HPRIM_TEXT.replace("\n", line_end)
 
 
+GATEWAY_LETTER = "Bonjour, voici le compte rendu de Mme Hélène Dupont.\r\n"
+
+
+@pytest.mark.parametrize("body,encoding", [
+    (GATEWAY_LETTER.encode(), "8bit"),
+    # HPRIM with bare LF reaches the gateway base64-encoded, and reaches the GP so.
+    (HPRIM_TEXT.encode(), "base64"),
+], ids=["letter-crlf", "hprim-lf"])
 async def test_hospital_to_apicrypt_gp_decrypts_body_and_attachment_with_gpg(
-    crypto: tuple[CryptoWorld, Running],
+    crypto: tuple[CryptoWorld, Running], body: bytes, encoding: str,
 ) -> None:
     built, running = crypto
     world = built.world
     pdf = b"%PDF-1.4\n" + bytes(range(256)) * 8
+    text = base64.encodebytes(body).replace(b"\n", b"\r\n") if encoding == "base64" else body
     data = (
         f"From: <secretariat@chu-test.fr>\r\nTo: <{GP}>\r\nSubject: Compte rendu\r\n"
         "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"B\"\r\n\r\n"
         "--B\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        "Content-Transfer-Encoding: 8bit\r\n\r\nBonjour, voici le compte rendu.\r\n"
-        "--B\r\nContent-Type: application/pdf; name=\"cr.pdf\"\r\n"
-        "Content-Disposition: attachment; filename=\"cr.pdf\"\r\n"
-        "Content-Transfer-Encoding: base64\r\n\r\n"
-    ).encode() + base64.encodebytes(pdf).replace(b"\n", b"\r\n") + b"--B--\r\n"
+        f"Content-Transfer-Encoding: {encoding}\r\n\r\n"
+    ).encode() + text + (
+        b"\r\n--B\r\nContent-Type: application/pdf; name=\"cr.pdf\"\r\n"
+        b"Content-Disposition: attachment; filename=\"cr.pdf\"\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n"
+    ) + base64.encodebytes(pdf).replace(b"\n", b"\r\n") + b"--B--\r\n"
     await running.send("secretariat@chu-test.fr", [GP], data, client=world.hospital_client)
     [got] = await world.sinks["apicrypt"].wait(timeout=30)
     message = email.message_from_bytes(got.data, policy=email.policy.compat32)
@@ -191,12 +227,17 @@ async def test_hospital_to_apicrypt_gp_decrypts_body_and_attachment_with_gpg(
     # What the gateway verified is visible in the headers an Apicrypt client shows.
     assert message["Authentication-Results"] == "passerelle.test; none"
     parts = [p for p in message.walk() if not p.is_multipart()]
-    names = [p.get_filename() for p in parts]
-    assert "cr.pdf.apz" in names
-    text = built.gpg.run("--decrypt", input=parts[0].get_payload(decode=True))
-    assert text.has("DECRYPTION_OKAY") and text.has("GOODSIG"), text.stderr
-    assert "Bonjour, voici le compte rendu.".encode("iso-8859-1") in text.output
-    apz = next(p for p in parts if p.get_filename() == "cr.pdf.apz")
-    attachment = built.gpg.run("--decrypt", input=apz.get_payload(decode=True))
-    assert attachment.has("DECRYPTION_OKAY") and attachment.has("GOODSIG")
+    assert [p.get_filename() for p in parts] == [None, "cr.pdf.apz"]
+    assert parts[0].get_content_charset() == "iso-8859-1"  # the v1 network's charset
+    gateway_keys = built.gpg.run("--with-colons", "--list-keys", GATEWAY_PGP).output.decode()
+    gateway_fpr = next(line.split(":")[9] for line in gateway_keys.splitlines()
+                       if line.startswith("fpr:"))
+    text_block = built.gpg.run("--decrypt", input=parts[0].get_payload(decode=True))
+    assert text_block.has("DECRYPTION_OKAY") and text_block.has("GOODSIG"), text_block.stderr
+    assert gateway_fpr in str(text_block.line("VALIDSIG"))
+    # The hospital's text, converted from UTF-8 to ISO-8859-1 and otherwise octet for octet.
+    assert text_block.output == body.decode("utf-8").encode("iso-8859-1")
+    attachment = built.gpg.run("--decrypt", input=parts[1].get_payload(decode=True))
+    assert attachment.has("DECRYPTION_OKAY") and attachment.has("GOODSIG"), attachment.stderr
+    assert gateway_fpr in str(attachment.line("VALIDSIG"))
     assert attachment.output == pdf

@@ -55,7 +55,6 @@ VECTORS = ROOT / "tests" / "vectors" / "smime"
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 
-pytestmark = pytest.mark.skipif(not VECTORS.is_dir(), reason="vectors missing")
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: the baseline is cached per seed

@@ -26,12 +26,11 @@ from adapters.base import (
 )
 from adapters.cms.entity import decode_body, multipart_parts, parse_entity
 from adapters.pgpkeys import generate_identity
-from tests.support.gpg import Gpg, gpg_available
+from tests.support.gpg import Gpg
 from tests.unit.test_apicrypt import HPRIM, PDF, hospital_message
 
 pytestmark = [
     pytest.mark.interop,
-    pytest.mark.skipif(not gpg_available(), reason="gpg is not installed"),
 ]
 
 GATEWAY = "gw@passerelle.test"
@@ -103,3 +102,46 @@ def test_gpg_user_sends_hprim_report(world: tuple[Gpg, bytes, str]) -> None:
     assert unwrapped.signature.result == "pass" and unwrapped.signature.signer == USER
     assert parts_of(unwrapped.content) == [(None, HPRIM), ("cr.pdf", PDF)]
     assert b"Subject: Resultats" in unwrapped.content
+
+
+GPG_FORMS = {
+    "cleartext": ("--clearsign",),
+    "signed": ("--armor", "--sign"),
+    "encrypted": ("--armor", "--encrypt", "-r", GATEWAY),
+    "signed+encrypted": ("--armor", "--sign", "--encrypt", "-r", GATEWAY),
+}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("line_end", ["lf", "crlf"])
+@pytest.mark.parametrize("form", list(GPG_FORMS))
+def test_gpg_inline_hprim_reaches_the_hospital_as_gpg_decrypts_it(
+    world: tuple[Gpg, bytes, str], form: str, line_end: str, version: int,
+) -> None:
+    """Every inline form gpg writes, with its defaults: the text part the hospital gets holds
+    exactly what `gpg --decrypt` prints for the block (the GP's text), under the network's
+    charset label."""
+    gpg, secret, user = world
+    written = HPRIM if version == 1 else HPRIM.decode("latin-1").encode("utf-8")
+    if line_end == "crlf":
+        written = written.replace(b"\n", b"\r\n")
+    block = gpg.run(*GPG_FORMS[form], "-u", user, input=written, check=True).output
+    # The body as the GP's client sends it: base64 when its lines end in bare LF.
+    body = (b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(block)
+            if line_end == "lf" else b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+            + block.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    raw = (b"From: <" + USER.encode() + b">\r\nTo: <patient-file@chu.test>\r\n"
+           b"Subject: Resultats\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: text/plain; charset=us-ascii\r\n" + body)
+    context = UnwrapContext(
+        "apicrypt", Identity("gw", openpgp_secret=secret), TrustStore(),
+        Directory(openpgp=(gpg.export_public(user),)), NOW, options={"version": version},
+    )
+    unwrapped = ADAPTER.unwrap(raw, context)
+    assert unwrapped.encrypted == form.endswith("encrypted")
+    assert unwrapped.signature.result == ("none" if form == "encrypted" else "pass")
+    entity = parse_entity(unwrapped.content)
+    assert entity.content_type() == (
+        "text/plain", {"charset": "iso-8859-1" if version == 1 else "utf-8"})
+    assert decode_body(entity) == written
+    assert gpg.run("--decrypt", input=block).output == written

@@ -20,7 +20,6 @@ from adapters.smime import SmimeAdapter
 from gateway.errors import PermanentFailure, Reason
 from tests.support.smime_pki import (
     NOW,
-    OPENSSL,
     SmimePki,
     openssl,
     unwrap_context,
@@ -29,7 +28,6 @@ from tests.support.smime_pki import (
 
 pytestmark = [
     pytest.mark.interop,
-    pytest.mark.skipif(OPENSSL is None, reason="openssl not installed"),
 ]
 
 ADAPTER = SmimeAdapter()

@@ -26,17 +26,15 @@ from tests.security.test_openpgp_attacks import (
     aead_vector_packets,
     literal,
 )
-from tests.support.gpg import Gpg, gpg_available
+from tests.support.gpg import Gpg
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "thunderbird-openpgp"
-if not DATA.exists():
-    DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "thunderbird-openpgp"
 KEYS = DATA / "keys"
 ALICE_FPR = "EB85BB5FA33A75E15E944E63F231550C4F47E38E"
+BOB_FPR = "D1A66E1A23B182C9980F788CFBFCC82A015E7330"
 
 pytestmark = [
     pytest.mark.interop,
-    pytest.mark.skipif(not DATA.exists() or not gpg_available(), reason="data or gpg missing"),
 ]
 
 
@@ -87,7 +85,10 @@ CASES: list[tuple[str, str, object]] = [
     ("rc-openpgp-nomdc.eml", "bob", (Reason.DECRYPTION_FAILED, "5.7.7")),
     ("rc-openpgp-mdc-tampered.eml", "bob", (Reason.DECRYPTION_FAILED, "5.7.7")),
     ("rc-openpgp-mixed-subpart.eml", "bob", ("none", "not signed", False)),
-    ("rc-openpgp-sigwrap-mdc.eml", "bob", ("none", "not signed", True)),
+    # Bob's valid signature covers only the ciphertext of Alice's message: neutral, with no
+    # signer, so the decrypted text is never presented as signed by Bob.
+    ("rc-openpgp-sigwrap-mdc.eml", "bob",
+     ("neutral", "signature covers only the encrypted content", True)),
     ("rc-openpgp-sigwrap-nomdc.eml", "bob", (Reason.DECRYPTION_FAILED, "5.7.7")),
     ("partial-encrypt-for-alice-plaintext.eml", "alice", ("none", "not signed", False)),
     ("partial-signed-from-bob-plaintext.eml", "alice", ("none", "not signed", False)),
@@ -148,8 +149,13 @@ def test_signature_over_ciphertext_is_not_the_authors(
     rings: dict[str, tuple[bytes, tuple[bytes, ...]]]
 ) -> None:
     unwrapped = unwrap(rings, "rc-openpgp-sigwrap-mdc.eml", "bob")
+    assert unwrapped.signature.result == "neutral" and unwrapped.encrypted
     assert unwrapped.signature.signer is None and unwrapped.signed_entity is None
-    assert any("over the encrypted part" in note for note in unwrapped.notes)
+    assert unwrapped.signature.signer_subject is None
+    # The audit still learns whose key signed the ciphertext.
+    assert unwrapped.signature.fingerprints == (BOB_FPR,)
+    assert any("over the encrypted part" in note and BOB_FPR in note
+               for note in unwrapped.notes)
 
 
 def test_gossip_message_uses_protected_headers(

@@ -12,7 +12,8 @@ import pysequoia
 from adapters.pgpkeys import generate_identity
 from tests.support import testpki
 
-WHITELIST = Path("/work/shared/data/mssante/listeblanchemssante.xml")
+WHITELIST = (Path(__file__).resolve().parents[3] / "shared" / "data" / "mssante"
+             / "listeblanchemssante.xml")  # the real list, beside the repository
 
 ROUTING = """\
 version: 1

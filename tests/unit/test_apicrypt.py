@@ -7,6 +7,7 @@ which is enough to test the layout, the plumbing and the failure paths, never th
 
 from __future__ import annotations
 
+import base64
 import os
 import stat
 import sys
@@ -28,6 +29,7 @@ from adapters.base import (
 )
 from adapters.cms.entity import decode_body, multipart_parts, parse_entity
 from adapters.pgpkeys import generate_identity
+from adapters.pgpmime import canonical_crlf
 from gateway.errors import PermanentFailure, Reason, TemporaryFailure
 
 NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
@@ -334,3 +336,108 @@ def test_inline_openpgp_from_the_apicrypt_network_unwraps_as_openpgp(
     assert unwrapped.encrypted
     assert unwrapped.signature.result == "pass" and unwrapped.signature.signer == DOCTOR
     assert leaves(unwrapped.content) == [(None, HPRIM)]
+
+
+# -- inline HPRIM from the Apicrypt network: the octets the sender wrote, nothing else -------
+# The sender's program writes the block; SMTP then carries every line of the mail with CRLF.
+# A cleartext-signed body with bare LF survives only under a transfer encoding (the sender's
+# client base64-encodes it); an armored OpenPGP message is ASCII whatever its line ends, the
+# text it carries keeps its own.
+
+HPRIM_V2 = HPRIM.decode("latin-1").encode("utf-8")
+_CHARSET = {1: "iso-8859-1", 2: "utf-8"}
+
+
+def inline_block(keys: dict[str, bytes], form: str, text: bytes) -> bytes:
+    """`text` as the doctor's OpenPGP program writes it inline (`form` as in the tests)."""
+    signer = pysequoia.Tsk.from_bytes(keys["doctor"]).signer()
+    if form == "cleartext":
+        # As GnuPG writes it: each line with its own line break, then the signature armor.
+        made = pysequoia.sign(signer, text[:-2] if text.endswith(b"\r\n") else text[:-1],
+                              mode=pysequoia.SignatureMode.CLEAR)
+    elif form == "signed":
+        made = pysequoia.sign(signer, text, mode=pysequoia.SignatureMode.INLINE, armor=True)
+    else:
+        gateway = pysequoia.Cert.from_bytes(keys["gateway_pub"])
+        made = pysequoia.encrypt(text, [gateway], armor=True,
+                                 signer=signer if form == "signed+encrypted" else None)
+    block = made if isinstance(made, bytes) else str(made).encode()
+    return block.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") if b"\r\n" in text else block
+
+
+def inline_from_doctor(block: bytes, charset: bytes = b"us-ascii") -> bytes:
+    if b"\r\n" not in block:
+        # Bare LF in the body: only a transfer encoding carries them through SMTP.
+        body = b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(block).replace(
+            b"\n", b"\r\n")
+    else:
+        body = b"Content-Transfer-Encoding: 8bit\r\n\r\n" + block
+    return (b"From: <" + DOCTOR.encode() + b">\r\nTo: <patient-file@chu.test>\r\n"
+            b"Subject: Resultats\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: text/plain; charset=" + charset + b"\r\n" + body)
+
+
+def text_leaf(raw: bytes) -> tuple[str, bytes]:
+    """(charset label, decoded bytes) of the one text/plain entity of `raw`."""
+    entity = parse_entity(raw)
+    media_type, params = entity.content_type()
+    assert media_type == "text/plain", media_type
+    return params.get("charset", ""), decode_body(entity)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("line_end", ["lf", "crlf"])
+@pytest.mark.parametrize("form", ["cleartext", "signed", "encrypted", "signed+encrypted"])
+def test_inline_hprim_from_the_network_reaches_the_recipient_byte_for_byte(
+    keys: dict[str, bytes], form: str, line_end: str, version: int,
+) -> None:
+    written = HPRIM if version == 1 else HPRIM_V2
+    if line_end == "crlf":
+        written = written.replace(b"\n", b"\r\n")
+    raw = inline_from_doctor(inline_block(keys, form, written))
+    context = UnwrapContext("apicrypt", Identity("gw", openpgp_secret=keys["gateway"]),
+                            TrustStore(), Directory(openpgp=(keys["doctor_pub"],)), NOW,
+                            options={"version": version})
+    unwrapped = ADAPTER.unwrap(raw, context)
+    assert unwrapped.encrypted == form.endswith("encrypted")
+    expected = "none" if form == "encrypted" else "pass"
+    assert unwrapped.signature.result == expected, unwrapped.signature
+    charset, text = text_leaf(unwrapped.content)
+    # The exact octets, LF or CRLF, labelled with the network's charset...
+    assert text == written
+    assert charset == _CHARSET[version]
+    # ...so that the text the recipient reads is the one the sender wrote.
+    assert text.decode(charset) == written.decode(_CHARSET[version])
+    # And the message itself can travel over SMTP: every line break CRLF.
+    assert canonical_crlf(unwrapped.content) == unwrapped.content
+    assert b"Subject: Resultats" in unwrapped.content
+
+
+def test_v2_text_that_is_not_utf8_keeps_its_octets_under_the_latin1_label(
+    keys: dict[str, bytes],
+) -> None:
+    """A v1 client on a v2 network: its Latin-1 text is not UTF-8, and labelling it so would
+    turn every accent into U+FFFD. The octets stay; the label says what they can only be."""
+    raw = inline_from_doctor(inline_block(keys, "signed+encrypted", HPRIM))
+    context = UnwrapContext("apicrypt", Identity("gw", openpgp_secret=keys["gateway"]),
+                            TrustStore(), Directory(openpgp=(keys["doctor_pub"],)), NOW,
+                            options={"version": 2})
+    charset, text = text_leaf(ADAPTER.unwrap(raw, context).content)
+    assert (charset, text) == ("iso-8859-1", HPRIM)
+
+
+def test_text_in_an_unknown_charset_is_refused_with_advice_that_fits(
+    keys: dict[str, bytes],
+) -> None:
+    """Text an OpenPGP peer sent that is neither in its label's charset nor UTF-8 arrives as
+    `unknown-8bit`: converting it to Latin-1 would be a guess, and v2 would not help."""
+    context = WrapContext(
+        "apicrypt", Identity("gw", openpgp_secret=keys["gateway"]), TrustStore(),
+        Directory(openpgp=(keys["doctor_pub"],)), NOW, "a@chu.test", (DOCTOR,),
+        options={"version": 1},
+    )
+    message = hospital_message(b"Glyc\xe9mie\r\n", "unknown-8bit")
+    with pytest.raises(PermanentFailure) as caught:
+        ADAPTER.wrap(Unwrapped(message, Verdict.unsigned(), "openpgp"), context)
+    assert caught.value.enhanced == "5.6.3" and "version 2" not in caught.value.advice
+    assert "unknown-8bit" in caught.value.advice

@@ -12,8 +12,9 @@ from cryptography.x509.oid import NameOID
 from gateway.dn import dn_from_name, parse_dn
 from tests.support import testpki
 
-WHITELIST = Path("/work/shared/data/mssante/listeblanchemssante.xml")
-LARGE_WHITELIST = Path("/work/shared/data/mssante/listeblanchemssante-large.xml")
+MSSANTE = Path(__file__).resolve().parents[3] / "shared" / "data" / "mssante"  # beside the repo
+WHITELIST = MSSANTE / "listeblanchemssante.xml"
+LARGE_WHITELIST = MSSANTE / "listeblanchemssante-large.xml"
 DEDALUS = ("CN=smtp-1.sante.santnet.com,OU=341459958900028,O=DEDALUS HEALTHCARE FRANCE,"
            "ST=Gironde (33),C=FR")
 

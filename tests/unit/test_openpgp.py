@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 from datetime import UTC, datetime, timedelta
 
@@ -18,8 +19,10 @@ from adapters.base import (
     Verdict,
     WrapContext,
 )
+from adapters.cms.entity import decode_body, parse_entity
 from adapters.openpgp import OpenPgpAdapter
 from adapters.pgpkeys import generate_identity, network_key, sign_detached
+from adapters.pgpmime import canonical_crlf
 from adapters.pgppackets import read_secret_keys
 from gateway.errors import GatewayError, PermanentFailure, Reason
 
@@ -205,3 +208,58 @@ def test_wrap_refuses_revoked_certificate() -> None:
     )
     assert wrapped.content == b"" and "revoked" in wrapped.refused["b@pgp.test"].detail
     assert wrapped.refused["b@pgp.test"].reason == Reason.NO_RECIPIENT_KEY
+
+
+# -- inline blocks: the recipient reads the octets the sender wrote -------------------------
+
+def inline_message(block: bytes, charset: bytes) -> bytes:
+    # A body with bare LF reaches us only under a transfer encoding (SMTP lines end in CRLF).
+    encoded = base64.encodebytes(block).replace(b"\n", b"\r\n")
+    return (b"From: <b@pgp.test>\r\nTo: <gw@x.test>\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: text/plain; charset=" + charset + b"; format=flowed\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded)
+
+
+TEXTS = [
+    (b"Glyc\xc3\xa9mie 5,2 mmol/l\nsans CR\n", b"utf-8", "utf-8"),
+    (b"Glyc\xe9mie 5,2 mmol/l\r\nen Latin-1\r\n", b"iso-8859-1", "iso-8859-1"),
+    # The label of an armored body describes the armor: text it cannot be is relabelled.
+    (b"Glyc\xc3\xa9mie 5,2 mmol/l\n", b"us-ascii", "utf-8"),
+    (b"Glyc\xe9mie, ni ASCII ni UTF-8\n", b"us-ascii", "unknown-8bit"),
+    (b"no final line break", b"us-ascii", "us-ascii"),
+]
+
+
+@pytest.mark.parametrize("form,text,declared,label", [
+    (form, *case) for form in ("cleartext", "signed", "signed+encrypted") for case in TEXTS
+    # A cleartext signature always ends its text with a line break.
+    if form != "cleartext" or case[0].endswith(b"\n")
+])
+def test_inline_text_keeps_its_octets_and_a_true_charset_label(
+    form: str, text: bytes, declared: bytes, label: str
+) -> None:
+    gateway = generate_identity("GW <gw@x.test>", created=NOW - timedelta(days=1))
+    peer = generate_identity("Bob <b@pgp.test>", created=NOW - timedelta(days=1))
+    peer_cert = str(pysequoia.Tsk.from_bytes(peer).extract_certificate()).encode()
+    signer = pysequoia.Tsk.from_bytes(peer).signer()
+    if form == "cleartext":
+        made = pysequoia.sign(signer, text[:-2] if text.endswith(b"\r\n") else text[:-1],
+                              mode=pysequoia.SignatureMode.CLEAR)
+    elif form == "signed":
+        made = pysequoia.sign(signer, text, armor=True)
+    else:
+        cert = pysequoia.Tsk.from_bytes(gateway).extract_certificate()
+        made = pysequoia.encrypt(text, [cert], signer=signer, armor=True)
+    block = made if isinstance(made, bytes) else str(made).encode()
+    if b"\r\n" in text:  # a client whose lines end in CRLF writes its armor so too
+        block = canonical_crlf(block)
+    unwrapped = ADAPTER.unwrap(inline_message(block, declared), UnwrapContext(
+        "pgp", Identity("gw", openpgp_secret=gateway), TrustStore(),
+        Directory(openpgp=(peer_cert,)), NOW))
+    assert unwrapped.signature.result == "pass", unwrapped.signature
+    entity = parse_entity(unwrapped.content)
+    media_type, params = entity.content_type()
+    assert (media_type, params.get("charset")) == ("text/plain", label)
+    assert "format" not in params  # format=flowed described the armor, not the text
+    assert decode_body(entity) == text
+    assert canonical_crlf(unwrapped.content) == unwrapped.content

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.config import Config, load
+from gateway.dn import dn_from_name
 from gateway.envelope import Recipient
 from gateway.errors import GatewayError, PermanentFailure, Reason, TemporaryFailure
 from gateway.peers import PeerIdentity, PeerTrust, check_next_hop, resolve_source
@@ -61,6 +63,37 @@ def space(tmp_path: Path) -> Space:
 
 
 # -- inbound ----------------------------------------------------------------------------------
+
+
+STRUCTURE = re.compile(r"1\d{9}|3\d{14}")  # 1 + FINESS (9 digits) or 3 + SIRET (14 digits)
+DEPARTMENT = re.compile(r"\S.* \((\d{2}|2A|2B|\d{3})\)")
+
+
+def test_the_test_pki_is_shaped_like_igc_sante(space: Space) -> None:
+    pki = space.world.pki
+    root, organisations = pki.root.certificate, pki.organisations.certificate
+    assert root.subject == root.issuer and "IGC-SANTE" in root.subject.rfc4514_string()
+    assert organisations.issuer == root.subject
+    assert "ORGANISATIONS" in organisations.subject.rfc4514_string()
+    for issued in (root, organisations):
+        assert issued.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for role, issued in space.world.operators.items():
+        if role in ("reordered", "untrusted"):
+            continue
+        subject = dn_from_name(issued.certificate.subject)
+        # CN=<fqdn>, OU=<structure id>, O=<name>, ST=<Département (NN)>, C=FR, in that order.
+        assert [a.oid for rdn in subject.rdns for a in rdn] == [
+            "2.5.4.3", "2.5.4.11", "2.5.4.10", "2.5.4.8", "2.5.4.6"], role
+        assert STRUCTURE.fullmatch(subject.get("OU")[0]), role
+        assert DEPARTMENT.fullmatch(subject.get("ST")[0]), role
+        assert subject.get("C") == ("FR",)
+        assert issued.certificate.issuer == organisations.subject
+    # A revoked one, listed in the ORGANISATIONS CA's CRL, and an expired one.
+    crl = pki.organisations.crl()
+    revoked = space.world.operators["revoked"].certificate
+    assert crl.get_revoked_certificate_by_serial_number(revoked.serial_number) is not None
+    assert crl.is_signature_valid(organisations.public_key())  # type: ignore[arg-type]
+    assert space.world.operators["expired"].certificate.not_valid_after_utc < NOW
 
 
 def test_listed_operator_is_the_mssante_network(space: Space) -> None:
@@ -120,6 +153,9 @@ def test_badly_signed_crl_refuses(space: Space) -> None:
     forged = pki.organisations.crl(signer=pki.root)  # right issuer name, wrong key
     trust = replace(space.trust, crls=(pki.root.crl(), forged))
     error = space.refusal("listed", "dr@a.mssante-test.fr", trust)
+    # The gateway's own CRL is at fault, not the peer: the peer is told to retry later.
+    assert isinstance(error, TemporaryFailure)
+    assert error.smtp_reply.startswith("451 4.7.5")
     assert error.reason is Reason.REVOCATION_UNKNOWN and "not signed" in error.detail
 
 
@@ -225,3 +261,42 @@ def test_next_hop_revoked_or_absent_defers(space: Space) -> None:
 def test_relay_without_whitelist_is_not_checked_here(space: Space) -> None:
     check_next_hop(space.config.networks["clinic"], recipients("x@clinique-test.fr"), None,
                    whitelist=None, trust=space.trust)
+
+
+# -- which network owns the sender's domain ------------------------------------------------------
+
+
+def with_exact_network(space: Space, peers: str) -> Config:
+    """The world's configuration plus a network `sud` that owns sud.mssante-test.fr by its
+    exact name, listed after `mssante` whose `*.mssante-test.fr` also covers that name."""
+    text = space.world.config.read_text()
+    text = text.replace("  clinic:\n", f"""  sud:
+    adapter: mime
+    domains: [sud.mssante-test.fr]
+    peers: {peers}
+    relay: {{host: 127.0.0.1, port: 2599, tls: none}}
+  clinic:
+""", 1).replace("routes:\n", "routes:\n  - {from: sud, to: [clinic]}\n", 1)
+    space.world.config.write_text(text)
+    return load(space.world.config)
+
+
+def test_sender_domain_belongs_to_the_network_that_names_it_exactly(space: Space) -> None:
+    # sud.mssante-test.fr is sud's (an exact name wins over a wildcard, as for routing): a
+    # peer that sud authenticates by its subject sends for it, whatever mssante's list says.
+    space.config = with_exact_network(space, f'{{subjects: ["{space.world.dn("unlisted")}"]}}')
+    assert space.resolve("unlisted", "x@sud.mssante-test.fr") == "sud"
+    assert space.resolve("listed", "x@a.mssante-test.fr") == "mssante"
+
+
+def test_a_listed_operator_sends_as_the_network_that_owns_the_domain(space: Space) -> None:
+    world = space.world
+    world.write_whitelist([*world.listed, ("sud.mssante-test.fr", world.dn("unlisted"))])
+    space.whitelist = load_whitelist(world.whitelist)
+    space.config = with_exact_network(space, "{whitelist: mssante}")
+    assert space.resolve("unlisted", "x@sud.mssante-test.fr") == "sud"
+    # For the null sender, the domains the DN is listed for count for the network that owns
+    # them: here sud only, never mssante through its wildcard.
+    assert space.resolve("unlisted", None) == "sud"
+    error = space.refusal("unlisted", "x@a.mssante-test.fr")
+    assert error.smtp_reply.startswith("550 5.7.1")
