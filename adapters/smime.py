@@ -23,7 +23,6 @@ GatewayError leaves either method: anything a parser raises becomes 5.6.0 malfor
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
@@ -31,12 +30,13 @@ from typing import cast
 from cryptography import x509
 
 from adapters.base import UnwrapContext, Unwrapped, Verdict, WrapContext, Wrapped
+from adapters.cms.directory import directory_index
 from adapters.cms.encrypt import ContentEncryption, KeyTransport, encrypt_content
-from adapters.cms.entity import address_of, field_blocks, parse_entity, seven_bit
+from adapters.cms.entity import address_of, base64_lines, field_blocks, parse_entity, seven_bit
 from adapters.cms.layers import peel
 from adapters.cms.parse import malformed
 from adapters.cms.sign import SignaturePadding, sign_content
-from adapters.cms.trust import TrustProblem, check_certificate, fingerprint
+from adapters.cms.trust import TrustProblem, check_certificate, fingerprint, trust_cache
 from adapters.cms.verdict import layer_note, over_ciphertext, signature_verdict
 from gateway.errors import GatewayError, PermanentFailure, Reason
 from gateway.revocation import revocation_unknown
@@ -54,6 +54,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 _ROUTING_FIELDS = (
     "from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id",
     "in-reply-to", "references",
+    # A client offers a read receipt (RFC 8098 §2.1) from the header it shows, the outer one.
+    "disposition-notification-to", "disposition-notification-options",
 )
 
 
@@ -76,11 +78,6 @@ class _Options:
                 detail=f"invalid smime options: {', '.join(wrong)}",
             )
         return _Options(**values)
-
-
-def _base64_lines(data: bytes) -> bytes:
-    encoded = base64.b64encode(data)
-    return b"".join(encoded[i: i + 76] + b"\r\n" for i in range(0, len(encoded), 76))
 
 
 def _crlf_line(raw: bytes) -> bytes:
@@ -116,8 +113,8 @@ class SmimeAdapter:
             raise malformed(f"smime unwrap: {type(error).__name__}: {error}") from None
 
     def _unwrap(self, raw: bytes, context: UnwrapContext) -> Unwrapped:
-        directory = context.directory.x509
-        peeled = peel(raw, context.identity, directory)
+        trust = trust_cache(context.trust, context.directory)
+        peeled = peel(raw, context.identity, directory_index(context.directory))
         content_entity = parse_entity(peeled.content)
         from_address = address_of(content_entity.get("from"))
         date_header = content_entity.get("date")
@@ -144,8 +141,8 @@ class SmimeAdapter:
         content_layers = peeled.content_layers
         for index, layer in enumerate(content_layers):
             layer_verdict = signature_verdict(
-                layer, from_address=from_address, date_header=date_header,
-                trust=context.trust, directory=directory, now=context.now,
+                layer, from_address=from_address, date_header=date_header, trust=trust,
+                now=context.now,
             )
             if index == 0:
                 verdict = layer_verdict
@@ -157,8 +154,8 @@ class SmimeAdapter:
                 notes.append(layer_note(layer, layer_verdict))
         for index, layer in enumerate(peeled.ciphertext_layers):
             layer_verdict = signature_verdict(
-                layer, from_address=from_address, date_header=date_header,
-                trust=context.trust, directory=directory, now=context.now,
+                layer, from_address=from_address, date_header=date_header, trust=trust,
+                now=context.now,
             )
             notes.append(layer_note(layer, layer_verdict, covers_content=False))
             if index == 0 and not content_layers:
@@ -199,19 +196,16 @@ class SmimeAdapter:
     ) -> tuple[x509.Certificate | None, str, bool]:
         """The newest valid certificate for `address`, or None, why, and whether the only
         obstacle is a revocation status the configured CRLs cannot tell now."""
-        candidates = context.directory.x509_for(address)
+        candidates = directory_index(context.directory).for_address(address)
         if not candidates:
             return None, "no certificate in the directory", False
+        trust = trust_cache(context.trust, context.directory)
         valid: list[x509.Certificate] = []
         problems: list[str] = []
         unknown = False
         for certificate in candidates:
             try:
-                check_certificate(
-                    certificate, purpose="encrypt", anchors=context.trust.anchors,
-                    crls=context.trust.crls, intermediates=context.directory.x509,
-                    now=context.now,
-                )
+                check_certificate(certificate, purpose="encrypt", cache=trust, now=context.now)
             except TrustProblem as problem:
                 problems.append(problem.phrase)
                 # Revocation is checked last: a certificate refused for it is good otherwise.
@@ -278,17 +272,17 @@ class SmimeAdapter:
             b"authEnveloped-data" if options.content_encryption == "aes-256-gcm"
             else b"enveloped-data"
         )
-        outer = b"".join(
-            _crlf_line(raw) for name, raw in field_blocks(content.head) if name in _ROUTING_FIELDS
-        )
-        outer += (
+        # Joined once: a MiB message is not copied again for each piece added to it.
+        outer = b"".join([
+            *(_crlf_line(raw) for name, raw in field_blocks(content.head)
+              if name in _ROUTING_FIELDS),
             b"MIME-Version: 1.0\r\n"
-            b"Content-Type: application/pkcs7-mime; smime-type=" + smime_type
-            + b"; name=smime.p7m\r\n"
+            b"Content-Type: application/pkcs7-mime; smime-type=", smime_type,
+            b"; name=smime.p7m\r\n"
             b"Content-Transfer-Encoding: base64\r\n"
             b"Content-Disposition: attachment; filename=smime.p7m\r\n"
-            b"\r\n"
-        ) + _base64_lines(envelope)
+            b"\r\n", base64_lines(envelope),
+        ])
         return Wrapped(
             content=outer,
             refused=refused,
@@ -308,13 +302,13 @@ class SmimeAdapter:
                 to_sign, certificate, cast(PrivateKeyTypes, private_key), chain=chain,
                 now=context.now, detached=False, signature_padding=padding_choice,
             )
-            return (
+            return b"".join([
                 b"Content-Type: application/pkcs7-mime; smime-type=signed-data; "
                 b"name=smime.p7m\r\n"
                 b"Content-Transfer-Encoding: base64\r\n"
                 b"Content-Disposition: attachment; filename=smime.p7m\r\n"
-                b"\r\n" + _base64_lines(der)
-            )
+                b"\r\n", base64_lines(der),
+            ])
         der, micalg = sign_content(
             to_sign, certificate, cast(PrivateKeyTypes, private_key), chain=chain,
             now=context.now, detached=True, signature_padding=padding_choice,
@@ -322,17 +316,17 @@ class SmimeAdapter:
         boundary = b"----=_smime_" + context.random(12).hex().encode("ascii")
         while boundary in to_sign:
             boundary = b"----=_smime_" + context.random(12).hex().encode("ascii")
-        return (
+        return b"".join([
             b"Content-Type: multipart/signed; protocol=\"application/pkcs7-signature\"; "
-            b"micalg=" + micalg.encode("ascii") + b"; boundary=\"" + boundary + b"\"\r\n"
+            b"micalg=", micalg.encode("ascii"), b"; boundary=\"", boundary, b"\"\r\n"
             b"\r\n"
             b"This is an S/MIME signed message.\r\n"
-            b"--" + boundary + b"\r\n"
-            + to_sign + b"\r\n"
-            b"--" + boundary + b"\r\n"
+            b"--", boundary, b"\r\n",
+            to_sign, b"\r\n"
+            b"--", boundary, b"\r\n"
             b"Content-Type: application/pkcs7-signature; name=smime.p7s\r\n"
             b"Content-Transfer-Encoding: base64\r\n"
             b"Content-Disposition: attachment; filename=smime.p7s\r\n"
-            b"\r\n" + _base64_lines(der)
-            + b"--" + boundary + b"--\r\n"
-        )
+            b"\r\n", base64_lines(der),
+            b"--", boundary, b"--\r\n",
+        ])

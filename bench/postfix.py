@@ -23,6 +23,19 @@ def _postfix(directory: Path, *args: str) -> None:
                    capture_output=True, timeout=60)
 
 
+def _name_config_directory(etc: Path) -> None:
+    """A non-default config directory must be named in the default main.cf. Merge it into the
+    value Postfix reads (an appended second assignment would hide every earlier one, such as
+    the test suite's own instance)."""
+    named = subprocess.run(["postconf", "-c", str(MAIN_CF.parent), "-h",
+                            "alternate_config_directories"], capture_output=True, check=True,
+                           timeout=60).stdout.decode().replace(",", " ").split()
+    if str(etc) not in named:
+        setting = "alternate_config_directories = " + " ".join([*named, str(etc)])
+        subprocess.run(["postconf", "-c", str(MAIN_CF.parent), "-e", setting],
+                       capture_output=True, check=True, timeout=60)
+
+
 def start(directory: Path, port: int, sink_port: int) -> None:
     stop(directory)  # a previous run that was interrupted
     shutil.rmtree(directory, ignore_errors=True)
@@ -31,10 +44,7 @@ def start(directory: Path, port: int, sink_port: int) -> None:
     (directory / "spool").mkdir()
     (directory / "data").mkdir()
     shutil.chown(directory / "data", "postfix")
-    line = f"alternate_config_directories = {etc}"
-    if line not in MAIN_CF.read_text():
-        with MAIN_CF.open("a") as handle:  # a non-default config dir must be named here
-            handle.write(f"\n{line}\n")
+    _name_config_directory(etc)
     (etc / "main.cf").write_text(f"""\
 compatibility_level = 3.6
 queue_directory = {directory}/spool
@@ -50,6 +60,9 @@ relayhost = [127.0.0.1]:{sink_port}
 smtpd_relay_restrictions = permit_mynetworks, reject
 message_size_limit = 67108864
 default_destination_concurrency_limit = 20
+# One transaction per message at the sink, as the gateway sends it (the default of 50 would
+# split the 100-recipient cells in two and the sink would count each message twice).
+default_destination_recipient_limit = 1000
 """)
     lines = []
     for raw in Path("/etc/postfix/master.cf").read_text().splitlines():
@@ -71,6 +84,19 @@ default_destination_concurrency_limit = 20
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"postfix did not listen; see {directory}/maillog")
+
+
+def relay_to(directory: Path, sink_port: int) -> None:
+    """Point the running instance at another next hop (the latency cells' sink), then reload;
+    its delivery agents pick the change up as they restart."""
+    _postfix_tool("postconf", directory, "-e", f"relayhost = [127.0.0.1]:{sink_port}")
+    _postfix(directory, "reload")
+    time.sleep(2)
+
+
+def _postfix_tool(tool: str, directory: Path, *args: str) -> None:
+    subprocess.run([tool, "-c", str(directory / "etc"), *args], check=True,
+                   capture_output=True, timeout=60)
 
 
 def queued(directory: Path) -> int:

@@ -155,8 +155,10 @@ class Issued:
         last_update: dt.datetime | None = None,
         next_update: dt.datetime | None = None,
         signer: Issued | None = None,
+        extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
     ) -> x509.CertificateRevocationList:
-        """A CRL of this CA (signed by `signer` instead, to make a badly signed one)."""
+        """A CRL of this CA (signed by `signer` instead, to make a badly signed one), with
+        `extensions` (value, critical) added, e.g. a delta or partial-scope CRL."""
         last_update = last_update or NOW - dt.timedelta(hours=1)
         next_update = next_update or NOW + dt.timedelta(days=7)
         # RFC 5280 §5.2: a conforming CRL names its signing key and carries an increasing
@@ -174,6 +176,8 @@ class Issued:
                 critical=False,
             )
         )
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
         for serial in self.revoked:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder()

@@ -22,7 +22,6 @@ from asn1crypto import cms
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from adapters.base import Identity
 from adapters.cms.ciphers import (
@@ -34,6 +33,7 @@ from adapters.cms.ciphers import (
     ecdh_kek,
     gcm_decrypt,
 )
+from adapters.cms.identifiers import ids, same_name, subject_key_identifier
 from adapters.cms.parse import crypto_failure, octets, set_der, unsupported
 from gateway.errors import PermanentFailure, Reason
 
@@ -51,24 +51,20 @@ class Opened:
 
 
 class _Identifier:
-    """How a recipient identifier names our certificate (issuer+serial or SKI)."""
+    """How a recipient identifier names our certificate (issuer+serial or SKI).
+
+    The certificate's issuer, serial and key identifier are read once per certificate
+    (identifiers.py); a received issuer name is compared by its octets first.
+    """
 
     def __init__(self, certificate: x509.Certificate) -> None:
-        from asn1crypto import x509 as asn1_x509
-
         self.certificate = certificate
-        tbs = asn1_x509.Certificate.load(certificate.public_bytes(Encoding.DER))["tbs_certificate"]
-        self.issuer = tbs["issuer"]
-        self.serial = certificate.serial_number
-        try:
-            self.ski: bytes | None = certificate.extensions.get_extension_for_class(
-                x509.SubjectKeyIdentifier
-            ).value.digest
-        except x509.ExtensionNotFound:
-            self.ski = None
+        self.ids = ids(certificate)
+        self.ski = subject_key_identifier(certificate)
 
     def matches_issuer_serial(self, value: Any) -> bool:
-        return bool(value["serial_number"].native == self.serial and value["issuer"] == self.issuer)
+        return bool(value["serial_number"].native == self.ids.serial
+                    and same_name(value["issuer"], self.ids.issuer))
 
     def matches_ski(self, value: bytes) -> bool:
         return self.ski is not None and hmac.compare_digest(self.ski, value)

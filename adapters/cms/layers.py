@@ -30,9 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cryptography import x509
-
 from adapters.base import Identity
+from adapters.cms.directory import DirectoryIndex
 from adapters.cms.entity import Entity, decode_body, field_blocks, multipart_parts, parse_entity
 from adapters.cms.envelope import Opened, open_envelope
 from adapters.cms.parse import guarded, load_content_info, malformed
@@ -98,7 +97,7 @@ def _merge(outer: list[tuple[str, bytes]], inner: Entity) -> bytes:
     return kept + inner.head + (inner.separator or b"\r\n") + inner.body
 
 
-def peel(raw: bytes, identity: Identity | None, directory: tuple[x509.Certificate, ...]) -> Peeled:
+def peel(raw: bytes, identity: Identity | None, directory: DirectoryIndex) -> Peeled:
     current = parse_entity(raw)
     outer: list[tuple[str, bytes]] = []
     signed_layers: list[SignedLayer] = []

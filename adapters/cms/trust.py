@@ -10,6 +10,13 @@ transport, keyAgreement for ECDH), DESIGN.md §10 "Revocation": a configured CRL
 or badly signed refuses the certificate; a CA with no configured CRL is not checked. Path
 building and CRL checks are gateway.revocation's, shared with the TLS peer checks.
 
+What does not depend on the time is kept between messages in a `TrustCache`, one per
+TrustStore and directory (so per loaded configuration: a reload or a new CRL is a new
+TrustStore): built paths (reused only where no certificate's validity changes, see
+gateway.revocation.PathCache), CRL signatures and serial numbers, the end-entity profile
+answer. The validity of the certificate at `now` and at the signing time, and the staleness
+of every CRL, are checked at every call.
+
 Untrusted input: the end-entity certificate and the intermediates a message carries; the
 trust anchors and CRLs are the operator's.
 """
@@ -17,7 +24,8 @@ trust anchors and CRLs are the operator's.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Sequence
 from typing import Literal
 
 from cryptography import x509
@@ -26,16 +34,18 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from adapters.base import Directory, TrustStore
 from gateway.errors import Reason
 from gateway.revocation import (
     CertificateProblem,
-    build_path,
+    PathCache,
+    RevocationIndex,
     check_revocation,
-    complete_chain,
     validity_problem,
 )
 
-__all__ = ["Purpose", "TrustProblem", "check_certificate", "fingerprint"]
+__all__ = ["Purpose", "TrustCache", "TrustProblem", "check_certificate", "fingerprint",
+           "trust_cache"]
 
 Purpose = Literal["sign", "encrypt"]
 
@@ -46,6 +56,7 @@ _AGNOSTIC = verification.Criticality.AGNOSTIC
 TrustProblem = CertificateProblem
 
 
+@functools.lru_cache(maxsize=4096)
 def fingerprint(certificate: x509.Certificate) -> str:
     return "sha256:" + certificate.fingerprint(hashes.SHA256()).hex()
 
@@ -57,6 +68,7 @@ def _email_eku(extension: x509.ExtendedKeyUsage | None) -> bool:
             or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in extension)
 
 
+@functools.lru_cache(maxsize=4096)
 def _purpose_problem(certificate: x509.Certificate, purpose: Purpose) -> str | None:
     """The end-entity profile of RFC 8550 §4.4, checked before path building for a clear
     reason (path building reports every failure alike)."""
@@ -120,20 +132,56 @@ def _policies() -> tuple[verification.ExtensionPolicy, verification.ExtensionPol
     return ca_policy, ee_policy
 
 
+class TrustCache:
+    """Checking certificates against one TrustStore, with one directory's certificates as
+    the intermediates always available: what can be kept between messages (see above)."""
+
+    def __init__(self, trust: TrustStore, directory: Sequence[x509.Certificate]) -> None:
+        self.trust = trust
+        self.directory = tuple(directory)
+        ca_policy, ee_policy = _policies()
+        self.paths = PathCache(trust.anchors, self.directory, ca_policy=ca_policy,
+                               ee_policy=ee_policy)
+        self.revocation = RevocationIndex(trust.crls)
+
+
+_MEMO_KEY = "smime.trust"
+# A Runtime has one TrustStore; more are kept only for contexts made by hand (tests, tools).
+_TRUST_STORES_KEPT = 4
+
+
+def trust_cache(trust: TrustStore, directory: Directory) -> TrustCache:
+    """The TrustCache of this TrustStore and directory, made on first use and kept with the
+    directory (both belong to one loaded configuration)."""
+    kept = directory.memo.get(_MEMO_KEY)
+    if not isinstance(kept, dict):
+        kept = {}
+        directory.memo[_MEMO_KEY] = kept
+    cache = kept.get(id(trust))
+    # The cache holds the TrustStore, so its id cannot be reused while the entry exists.
+    if isinstance(cache, TrustCache) and cache.trust is trust:
+        return cache
+    cache = TrustCache(trust, directory.x509)
+    if len(kept) >= _TRUST_STORES_KEPT:
+        kept.clear()
+    kept[id(trust)] = cache
+    return cache
+
+
 def check_certificate(
     certificate: x509.Certificate,
     *,
     purpose: Purpose,
-    anchors: Sequence[x509.Certificate],
-    crls: Sequence[x509.CertificateRevocationList],
-    intermediates: Iterable[x509.Certificate],
+    cache: TrustCache,
+    carried: Sequence[x509.Certificate] = (),
     now: dt.datetime,
     signing_time: dt.datetime | None = None,
 ) -> tuple[x509.Certificate, ...]:
     """The validated chain (leaf first), or TrustProblem saying why not.
 
-    Checked at `now` and, for signatures, also at the claimed signing time: a signature made
-    before the certificate's validity, or with a certificate that has expired since, fails.
+    The intermediates are those a message `carried`, then the cache's directory. Checked at
+    `now` and, for signatures, also at the claimed signing time: a signature made before the
+    certificate's validity, or with a certificate that has expired since, fails.
     """
     problem = _purpose_problem(certificate, purpose)
     if problem:
@@ -145,11 +193,9 @@ def check_certificate(
         problem = validity_problem(certificate, at, label)
         if problem:
             raise TrustProblem(Reason.EXPIRED, problem)
-    ca_policy, ee_policy = _policies()
-    pool = list(intermediates)  # walked once per time checked
     chain: list[x509.Certificate] = []
     for at, label in times:
-        chain = build_path(certificate, anchors=anchors, intermediates=pool, at=at,
-                           label=label, ca_policy=ca_policy, ee_policy=ee_policy)
-    check_revocation(complete_chain(chain, anchors), crls, now)
+        chain = cache.paths.build_path(certificate, carried=carried, at=at, label=label)
+    check_revocation(cache.paths.complete_chain(chain), cache.trust.crls, now,
+                     cache.revocation)
     return tuple(chain)

@@ -19,12 +19,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import email.utils
+import functools
+from dataclasses import dataclass
 
 from cryptography import x509
 
-from adapters.base import TrustStore, Verdict, VerdictResult, certificate_addresses
+from adapters.base import Verdict, VerdictResult, certificate_addresses
 from adapters.cms.layers import SignedLayer
-from adapters.cms.trust import TrustProblem, check_certificate, fingerprint
+from adapters.cms.trust import TrustCache, TrustProblem, check_certificate, fingerprint
 from adapters.cms.verify import SignatureCheck
 from gateway.errors import Reason
 
@@ -34,6 +36,27 @@ METHOD = "smime"
 _TIME_SLACK = dt.timedelta(hours=1)
 
 
+@dataclass(frozen=True)
+class _Signer:
+    addresses: frozenset[str]
+    subject: str
+    issuer: str
+    serial: str
+    fingerprint: str
+
+
+@functools.lru_cache(maxsize=1024)
+def _signer(certificate: x509.Certificate) -> _Signer:
+    """What a verdict says about a signer certificate, read once per certificate."""
+    return _Signer(
+        addresses=certificate_addresses(certificate),
+        subject=certificate.subject.rfc4514_string(),
+        issuer=certificate.issuer.rfc4514_string(),
+        serial=format(certificate.serial_number, "x"),
+        fingerprint=fingerprint(certificate),
+    )
+
+
 def _verdict(
     result: VerdictResult, phrase: str, failure: Reason | None, check: SignatureCheck,
     from_address: str | None,
@@ -41,15 +64,16 @@ def _verdict(
     certificate = check.certificate
     if certificate is None:
         return Verdict(METHOD, result, phrase, failure=failure, algorithm=check.algorithm or None)
-    addresses = certificate_addresses(certificate)
+    known = _signer(certificate)
+    addresses = known.addresses
     signer = from_address if from_address in addresses else (min(addresses) if addresses else None)
     return Verdict(
         METHOD, result, phrase, failure=failure,
         signer=signer,
-        signer_subject=certificate.subject.rfc4514_string(),
-        signer_issuer=certificate.issuer.rfc4514_string(),
-        signer_serial=format(certificate.serial_number, "x"),
-        fingerprints=(fingerprint(certificate),),
+        signer_subject=known.subject,
+        signer_issuer=known.issuer,
+        signer_serial=known.serial,
+        fingerprints=(known.fingerprint,),
         algorithm=check.algorithm or None,
     )
 
@@ -69,8 +93,7 @@ def signature_verdict(
     *,
     from_address: str | None,
     date_header: str | None,
-    trust: TrustStore,
-    directory: tuple[x509.Certificate, ...],
+    trust: TrustCache,
     now: dt.datetime,
 ) -> Verdict:
     checks = layer.signed.signers
@@ -80,13 +103,12 @@ def signature_verdict(
     assert check.certificate is not None  # a valid check always names its certificate
     try:
         check_certificate(
-            check.certificate, purpose="sign", anchors=trust.anchors, crls=trust.crls,
-            intermediates=[*layer.signed.certificates, *directory], now=now,
-            signing_time=check.signing_time,
+            check.certificate, purpose="sign", cache=trust, carried=layer.signed.certificates,
+            now=now, signing_time=check.signing_time,
         )
     except TrustProblem as problem:
         return _verdict("fail", problem.phrase, problem.reason, check, from_address)
-    if from_address is None or from_address not in certificate_addresses(check.certificate):
+    if from_address is None or from_address not in _signer(check.certificate).addresses:
         return _verdict(
             "fail", "signer does not match From", Reason.SIGNER_MISMATCH, check, from_address
         )
@@ -105,11 +127,17 @@ CIPHERTEXT_ONLY = "signature covers only the encrypted content"
 
 
 def over_ciphertext(verdict: Verdict) -> Verdict:
-    """The message's verdict when its only signature covers ciphertext: a failure stays a
-    failure; a signature that verifies is neutral, never a pass for the content."""
-    if verdict.result != "pass":
-        return verdict
-    return dataclasses.replace(verdict, result="neutral", reason=CIPHERTEXT_ONLY)
+    """The message's verdict when its only signature covers ciphertext: a signature that
+    verifies is neutral, never a pass for the content, and names nobody (whoever signed
+    ciphertext need not have written, nor read, what it decrypts to; the audit note of the
+    layer keeps the signer). Its signer not matching From is then no fault either. Any other
+    failure stays a failure, as the OpenPGP adapter judges the same shape."""
+    if verdict.result == "pass" or verdict.failure is Reason.SIGNER_MISMATCH:
+        return dataclasses.replace(
+            verdict, result="neutral", reason=CIPHERTEXT_ONLY, failure=None, signer=None,
+            signer_subject=None, signer_issuer=None, signer_serial=None,
+        )
+    return verdict
 
 
 def layer_note(layer: SignedLayer, verdict: Verdict, *, covers_content: bool = True) -> str:

@@ -11,8 +11,9 @@ certificate"; whether the certificate is trusted is `trust.py`'s question.
 
 Untrusted input: the SignedData structure, the certificates it carries, the signed octets.
 The work is linear in their size: the content is hashed once per digest algorithm, each
-SignerInfo's certificate is found through an index, and at most `MAX_SIGNERS` SignerInfos
-are verified.
+SignerInfo's certificate is found through an index (the directory's is built once per loaded
+configuration, see directory.py), names are compared by their octets before any RFC 5280
+preparation (identifiers.py), and at most `MAX_SIGNERS` SignerInfos are verified.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.serialization import Encoding
 
+from adapters.cms.directory import DirectoryIndex
+from adapters.cms.identifiers import comparison_form, ids, subject_key_identifier
 from adapters.cms.parse import certificate_der, octets, set_der
 from gateway.errors import Reason
 
@@ -77,49 +78,63 @@ def _fail(reason: Reason, phrase: str, **known: Any) -> SignatureCheck:
     return SignatureCheck(valid=False, reason=reason, phrase=phrase, **values)
 
 
-def _as_asn1(certificate: x509.Certificate) -> Any:
-    return asn1_x509.Certificate.load(certificate.public_bytes(Encoding.DER))
-
-
 class _Signers:
-    """The candidate signer certificates, indexed so that finding the certificate of each
-    SignerInfo costs the same however many SignerInfos and certificates a message carries
-    (one lookup each, every certificate parsed at most once), rather than their product."""
+    """The candidate signer certificates: those the message carries, then the directory's.
 
-    def __init__(self, candidates: Sequence[x509.Certificate]) -> None:
-        self._candidates = candidates
-        self._by_serial: dict[int, list[x509.Certificate]] | None = None
-        self._by_issuer: dict[int, dict[str, x509.Certificate]] = {}
-        self._by_ski: dict[bytes, x509.Certificate] | None = None
+    Finding the certificate of each SignerInfo costs the same however many SignerInfos and
+    certificates a message carries, rather than their product: the carried certificates are
+    indexed once per message, each certificate's issuer is read at most once, each distinct
+    name is prepared for comparison at most once, and the directory is indexed once per
+    loaded configuration. The first match in that order wins, as carried certificates come
+    before the directory's.
+    """
+
+    def __init__(self, carried: Sequence[x509.Certificate], directory: DirectoryIndex) -> None:
+        self._carried = carried
+        self._directory = directory
+        self._carried_by_serial: dict[int, list[x509.Certificate]] | None = None
+        self._carried_by_ski: dict[bytes, x509.Certificate] | None = None
+        self._with_serial: dict[int, list[tuple[x509.Certificate, bytes]]] = {}
+        self._forms: dict[bytes, str] = {}
+
+    def _form(self, name_der: bytes) -> str:
+        if name_der not in self._forms:
+            self._forms[name_der] = comparison_form(name_der)
+        return self._forms[name_der]
 
     def by_issuer_and_serial(self, issuer: Any, serial: int) -> x509.Certificate | None:
-        if self._by_serial is None:
-            self._by_serial = {}
-            for certificate in self._candidates:
-                self._by_serial.setdefault(certificate.serial_number, []).append(certificate)
-        if serial not in self._by_issuer:
-            # asn1crypto's `hashable` is the RFC 5280 §7.1 comparison form of the name; only
-            # the certificates with the wanted serial are parsed, once. The first wins, as
-            # carried certificates come before the directory's.
-            names: dict[str, x509.Certificate] = {}
-            for certificate in self._by_serial.get(serial, ()):
-                key = _as_asn1(certificate)["tbs_certificate"]["issuer"].hashable
-                names.setdefault(key, certificate)
-            self._by_issuer[serial] = names
-        return self._by_issuer[serial].get(issuer.hashable)
+        if self._carried_by_serial is None:
+            self._carried_by_serial = {}
+            for certificate in self._carried:
+                self._carried_by_serial.setdefault(certificate.serial_number, []).append(
+                    certificate
+                )
+        if serial not in self._with_serial:
+            candidates = [*self._carried_by_serial.get(serial, ()),
+                          *self._directory.with_serial(serial)]
+            self._with_serial[serial] = [(c, ids(c).issuer) for c in candidates]
+        wanted = bytes(issuer.dump())
+        wanted_form: str | None = None
+        for certificate, theirs in self._with_serial[serial]:
+            if theirs == wanted:  # the same octets: the same name under any rule
+                return certificate
+            # Another encoding may still be the same name: asn1crypto's `hashable` is the
+            # RFC 5280 §7.1 comparison form of a name.
+            if wanted_form is None:
+                wanted_form = str(issuer.hashable)
+            if self._form(theirs) == wanted_form:
+                return certificate
+        return None
 
     def by_subject_key_identifier(self, wanted: bytes) -> x509.Certificate | None:
-        if self._by_ski is None:
-            self._by_ski = {}
-            for certificate in self._candidates:
-                try:
-                    ski = certificate.extensions.get_extension_for_class(
-                        x509.SubjectKeyIdentifier
-                    )
-                except x509.ExtensionNotFound:
-                    continue
-                self._by_ski.setdefault(ski.value.digest, certificate)
-        return self._by_ski.get(wanted)
+        if self._carried_by_ski is None:
+            self._carried_by_ski = {}
+            for certificate in self._carried:
+                identifier = subject_key_identifier(certificate)
+                if identifier is not None:
+                    self._carried_by_ski.setdefault(identifier, certificate)
+        found = self._carried_by_ski.get(wanted)
+        return found if found is not None else self._directory.with_key_identifier(wanted)
 
 
 def _find_signer(sid: Any, candidates: _Signers) -> x509.Certificate | None:
@@ -131,13 +146,24 @@ def _find_signer(sid: Any, candidates: _Signers) -> x509.Certificate | None:
     return candidates.by_subject_key_identifier(bytes(sid.chosen.native))
 
 
-def _attribute(attributes: Any, name: str) -> list[Any]:
-    """Values of the attributes of one type; reads no other attribute (see parse.py)."""
-    found: list[Any] = []
-    for attribute in attributes:
-        if attribute["type"].native == name:
-            found.append([value.native for value in attribute["values"]])
-    return found
+_READ_ATTRIBUTES = frozenset({"message_digest", "content_type", "signing_time"})
+
+
+class _Attributes:
+    """The signed attributes by type, read in one pass; values are decoded only for the
+    types asked for, when asked (no other attribute's values are read, see parse.py)."""
+
+    def __init__(self, attributes: Any) -> None:
+        self._by_type: dict[str, list[Any]] = {}
+        for attribute in attributes:
+            name = attribute["type"].native
+            if name in _READ_ATTRIBUTES:
+                self._by_type.setdefault(name, []).append(attribute)
+
+    def values(self, name: str) -> list[Any]:
+        """Per attribute of type `name`, the list of its values."""
+        return [[value.native for value in attribute["values"]]
+                for attribute in self._by_type.get(name, ())]
 
 
 def _signature_ok(
@@ -237,13 +263,14 @@ def _check_signer(
     attributes = signer_info["signed_attrs"]
     signing_time: dt.datetime | None = None
     if attributes.contents:
-        digests = _attribute(attributes, "message_digest")
-        types = _attribute(attributes, "content_type")
+        read = _Attributes(attributes)
+        digests = read.values("message_digest")
+        types = read.values("content_type")
         if len(digests) != 1 or len(digests[0]) != 1 or len(types) != 1 or len(types[0]) != 1:
             return _fail(Reason.SIGNATURE_INVALID, "signed attributes incomplete", **known)
         if types[0][0] != content_type:
             return _fail(Reason.SIGNATURE_INVALID, "content-type attribute mismatch", **known)
-        times = _attribute(attributes, "signing_time")
+        times = read.values("signing_time")
         if len(times) > 1 or (times and len(times[0]) != 1):
             return _fail(Reason.SIGNATURE_INVALID, "several signing times", **known)
         if times and isinstance(times[0][0], dt.datetime):
@@ -275,9 +302,10 @@ def _check_signer(
 
 
 def read_signed_data(
-    signed_data: Any, detached: bytes | None, extra: Sequence[x509.Certificate] = ()
+    signed_data: Any, detached: bytes | None, directory: DirectoryIndex | None = None,
 ) -> SignedContent:
-    """Verify every SignerInfo over the eContent, or over `detached` when given.
+    """Verify every SignerInfo over the eContent, or over `detached` when given; signers are
+    looked for among the carried certificates, then the `directory`'s.
 
     With `detached` (multipart/signed), an eContent the SignedData may also carry is
     ignored: what the reader sees is the first MIME part, so that is what must verify.
@@ -298,7 +326,7 @@ def read_signed_data(
     signer_infos = signed_data["signer_infos"]
     if len(signer_infos) > MAX_SIGNERS:
         raise ValueError(f"SignedData with {len(signer_infos)} SignerInfos")
-    candidates = _Signers([*carried, *extra])
+    candidates = _Signers(carried, directory or DirectoryIndex(()))
     digests = _Digests(content)
     checks = tuple(
         _check_signer(signer_info, digests, content_type, candidates)
