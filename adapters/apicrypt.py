@@ -39,7 +39,6 @@ external programs.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -64,19 +63,20 @@ from adapters.pgpkeys import (
     SignatureCheck,
     check_block_count,
     decrypt,
+    encrypt_signed,
     key_index,
     network_key,
-    ps,
     signature_verdict,
 )
 from adapters.pgpmime import (
+    base64_body,
     canonical_crlf,
     clear_fields,
     new_boundary,
-    text_part,
+    text_part_pieces,
     whole_armored,
 )
-from adapters.pgppackets import has_encryption_packets
+from adapters.pgppackets import message_packets
 from gateway.errors import GatewayError, PermanentFailure, Reason
 
 __all__ = ["ApicryptAdapter", "ApicryptCodec"]
@@ -127,18 +127,11 @@ class _OpenPgpCodec:
         self.checks: list[SignatureCheck] = []
         self.keys: list[str] = []  # fingerprints of the gateway keys that decrypted blocks
 
-    def _seal(self, data: bytes, armor: bool) -> bytes:
-        tsk = ps.Tsk.from_bytes(self.key_secret)
-        sealed = ps.encrypt(data, [c.cert for c in self.certs], signer=tsk.signer(), armor=armor)
-        return sealed if isinstance(sealed, bytes) else str(sealed).encode("ascii")
-
-    key_secret: bytes = b""
-
     def seal_text(self, data: bytes, recipients: Sequence[str]) -> bytes:
-        return self._seal(data, armor=True)
+        return encrypt_signed(data, self.key, self.certs, armor=True)
 
     def seal_attachment(self, data: bytes, recipients: Sequence[str]) -> bytes:
-        return self._seal(data, armor=False)
+        return encrypt_signed(data, self.key, self.certs, armor=False)
 
     def _open(self, data: bytes) -> bytes:
         opened = decrypt(data, self.key, self.index)
@@ -173,18 +166,17 @@ def _inbound_charset(version: int) -> Callable[[bytes], str]:
     return charset
 
 
-def _base64(data: bytes) -> bytes:
-    encoded = base64.b64encode(data)
-    return b"".join(encoded[i: i + 76] + b"\r\n" for i in range(0, len(encoded), 76))
+# A part as (head with its empty line, body), joined into the message once, by `_assemble`.
+_Part = tuple[bytes, bytes]
 
 
-def _attachment_part(name: str, data: bytes) -> bytes:
+def _attachment_part(name: str, data: bytes) -> _Part:
     safe = name.replace('"', "").replace("\r", "").replace("\n", "")
     return (
         f'Content-Type: application/octet-stream; name="{safe}"\r\n'
         "Content-Transfer-Encoding: base64\r\n"
         f'Content-Disposition: attachment; filename="{safe}"\r\n\r\n'
-    ).encode() + _base64(data)
+    ).encode(), base64_body(data)
 
 
 def _filename(entity: Entity) -> str | None:
@@ -205,16 +197,39 @@ def _leaves(entity: Entity, depth: int = 0) -> list[Entity]:
     return [entity]
 
 
-def _assemble(outer: bytes, parts: list[bytes], random: Callable[[int], bytes]) -> bytes:
+def _digest_random(parts: list[_Part]) -> Callable[[int], bytes]:
+    """Octets for a boundary, derived from `parts` (unwrap has no randomness): a digest of
+    every part, which no part can hold the boundary made of, computed only when a boundary
+    is needed (one part needs none); each further call hashes the previous answer."""
+    chain: list[bytes] = []
+
+    def random(count: int) -> bytes:
+        if not chain:
+            digest = hashlib.sha256()
+            for head, body in parts:
+                digest.update(head)
+                digest.update(body)
+            chain.append(digest.digest())
+        else:
+            chain.append(hashlib.sha256(chain[-1]).digest())
+        return chain[-1][:count]
+    return random
+
+
+def _assemble(outer: bytes, parts: list[_Part], random: Callable[[int], bytes]) -> bytes:
+    """The message: `outer` fields, then the one part or a multipart/mixed of them, joined
+    once (each part's octets are copied once)."""
     if len(parts) == 1:
-        return outer + b"MIME-Version: 1.0\r\n" + parts[0]
-    boundary = new_boundary(random, b"".join(parts), "apicrypt")
-    body = b"".join(b"--" + boundary + b"\r\n" + part + b"\r\n" for part in parts)
-    return (
-        outer + b"MIME-Version: 1.0\r\n"
-        b'Content-Type: multipart/mixed; boundary="' + boundary + b'"\r\n\r\n'
-        + body + b"--" + boundary + b"--\r\n"
-    )
+        return b"".join((outer, b"MIME-Version: 1.0\r\n", *parts[0]))
+    # A boundary holds no line break and every head ends with one, so it can only stand
+    # within a head or a body: those are what it must not occur in.
+    boundary = new_boundary(random, [piece for part in parts for piece in part], "apicrypt")
+    pieces = [outer, b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="',
+              boundary, b'"\r\n\r\n']
+    for head, body in parts:
+        pieces += (b"--", boundary, b"\r\n", head, body, b"\r\n")
+    pieces += (b"--", boundary, b"--\r\n")
+    return b"".join(pieces)
 
 
 class ApicryptAdapter:
@@ -278,9 +293,13 @@ class ApicryptAdapter:
         text_block = v1_text or armored_text is not None
         # With the openpgp codec an inline encrypted text is an Apicrypt text block: read here,
         # where its octets and the network's charset are kept (HPRIM with bare LF).
-        inline_block = options.codec == "openpgp" and armored_text is not None and (
-            armored_text.kind == "message" and has_encryption_packets(armored_text.block)
-        )
+        text_packets: bytes | None = None  # the inline block's packets, read once
+        if options.codec == "openpgp" and armored_text is not None and (
+            armored_text.kind == "message"
+        ):
+            packets, encrypted = message_packets(armored_text.block)
+            text_packets = packets if encrypted else None
+        inline_block = text_packets is not None
 
         def is_block(leaf: Entity) -> bool:
             return (_filename(leaf) or "").lower().endswith(".apz") or (
@@ -318,20 +337,21 @@ class ApicryptAdapter:
                 )
             pgp = _OpenPgpCodec(network_key(context.identity), index)
             codec = pgp
-        parts: list[bytes] = []
+        parts: list[_Part] = []
         for leaf in leaves:
             name = _filename(leaf)
             if name and name.lower().endswith(".apz"):
                 parts.append(_attachment_part(name[:-4], codec.open_attachment(decode_body(leaf))))
             else:
-                block = armored_text.block if armored_text is not None else first_text
+                if text_packets is not None:
+                    block = text_packets
+                else:
+                    block = armored_text.block if armored_text is not None else first_text
                 text = codec.open_text(block)
-                parts.append(text_part(text, text_charset(text)))
+                parts.append(text_part_pieces(text, text_charset(text)))
         outer = b"".join(raw_field for n, raw_field in field_blocks(entity.head)
                          if not n.startswith("content-") and n != "mime-version")
-        # Unwrap has no randomness: the boundary comes from a digest of the parts.
-        digest = hashlib.sha256(b"".join(parts)).digest()
-        content = _assemble(outer, parts, lambda n: digest[:n])
+        content = _assemble(outer, parts, _digest_random(parts))
         from_address = address_of(entity.get("from"))
         if pgp is not None:
             verdict = Verdict.unsigned(self.method)
@@ -398,17 +418,14 @@ class ApicryptAdapter:
                     )
                 else:
                     chosen[address] = cert
-            openpgp_codec = _OpenPgpCodec(key, index, list(
+            codec = _OpenPgpCodec(key, index, list(
                 {c.fingerprint: c for c in chosen.values()}.values()))
-            assert context.identity is not None and context.identity.openpgp_secret
-            openpgp_codec.key_secret = context.identity.openpgp_secret
-            codec = openpgp_codec
             accepted = list(chosen)
         if not accepted:
             return Wrapped(content=b"", refused=refused, signer_key=signer_key)
         entity = parse_entity(message.content)
         charset = _CHARSETS.get(options.version, "iso-8859-1")
-        parts: list[bytes] = []
+        parts: list[_Part] = []
         text_done = False
         for leaf in _leaves(entity):
             media_type, params = leaf.content_type()
@@ -437,8 +454,9 @@ class ApicryptAdapter:
                 sealed = codec.seal_text(text, accepted)
                 parts.insert(0, (
                     f"Content-Type: text/plain; charset={charset}\r\n"
-                    "Content-Transfer-Encoding: 7bit\r\n\r\n"
-                ).encode("ascii") + canonical_crlf(sealed))
+                    "Content-Transfer-Encoding: 7bit\r\n\r\n".encode("ascii"),
+                    canonical_crlf(sealed),
+                ))
             else:
                 label = name or f"piece-jointe-{len(parts) + 1}.bin"
                 parts.append(_attachment_part(label + ".apz",

@@ -80,7 +80,7 @@ from adapters.pgpmime import (
     text_entity,
     whole_armored,
 )
-from adapters.pgppackets import has_encryption_packets
+from adapters.pgppackets import message_packets
 from gateway.errors import GatewayError, PermanentFailure, Reason
 
 __all__ = [
@@ -137,11 +137,14 @@ def _inline_charset(declared: str | None, text: bytes) -> str:
     return "unknown-8bit"
 
 
-def _merge(outer: list[tuple[str, bytes]], inner: Entity) -> bytes:
+def _merged_head(outer: list[tuple[str, bytes]], head: bytes) -> bytes:
     # A field the inner entity carries itself (protected headers) wins over the outer copy.
-    inner_names = {name for name, _ in field_blocks(inner.head)}
-    kept = b"".join(raw for name, raw in outer if name not in inner_names)
-    return kept + inner.head + (inner.separator or b"\r\n") + inner.body
+    inner_names = {name for name, _ in field_blocks(head)}
+    return b"".join(raw for name, raw in outer if name not in inner_names) + head
+
+
+def _merge(outer: list[tuple[str, bytes]], inner: Entity) -> bytes:
+    return b"".join((_merged_head(outer, inner.head), inner.separator or b"\r\n", inner.body))
 
 
 def _mime_entity(entity: Entity) -> bytes:
@@ -204,10 +207,14 @@ def peel_openpgp(
                 if find_armored(text):
                     peeled.notes.append("partial inline OpenPGP left as is (not a whole)")
                 break
-            if armored.kind == "message" and has_encryption_packets(armored.block):
-                clear = _decrypt(peeled, armored.block, key, index)
+            packets, encrypted = (
+                message_packets(armored.block) if armored.kind == "message"
+                else (armored.block, False)  # cleartext: pysequoia reads its framing
+            )
+            if encrypted:
+                clear = _decrypt(peeled, packets, key, index)
             else:
-                content, check = verify_inline(armored.block, index)
+                content, check = verify_inline(packets, index)
                 peeled.checks.append((check, None))
                 if content is None:
                     # Not verified: keep the message exactly as it arrived.
@@ -224,10 +231,9 @@ def peel_openpgp(
                         peeled.notes.append("cleartext given as verified, not as written")
             charset = text_charset(clear) if text_charset is not None else _inline_charset(
                 params.get("charset"), clear)
-            replaced = parse_entity(text_entity(current, clear, charset))
-            peeled.content = _merge(outer, replaced) if outer else (
-                canonical_crlf(replaced.head) + b"\r\n" + replaced.body
-            )
+            head, body = text_entity(current, clear, charset)
+            # Joined once: the text is copied once.
+            peeled.content = b"".join((_merged_head(outer, head), b"\r\n", body))
             return peeled
         else:
             if media_type.startswith("multipart/") and find_armored(current.body):

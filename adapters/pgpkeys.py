@@ -12,7 +12,14 @@ stays in this module. What the gateway relies on:
   gossip) are never consulted: the verification store only answers from the directory;
 - pysequoia 0.1.35 cannot verify GnuPG's default signed+encrypted output (compressed), see
   `adapters.pgppackets`: decryption and integrity come from pysequoia, the signatures are then
-  verified by pysequoia over the decrypted packets in a second step;
+  verified by pysequoia over the decrypted packets in a second step. So a message is
+  decrypted twice, by two implementations that must agree on the literal data: pysequoia
+  (plaintext and integrity) and the packet reader (the packets the signatures cover, its own
+  MDC check). pysequoia hands out neither its session key nor those packets, so neither
+  decryption can stand in for the other. The issuers of the signatures come from their
+  packets; only a message the packet reader cannot open (SEIPD v2, a cipher other than AES,
+  a key other than RSA or Cv25519) costs pysequoia a second decryption, to learn whether it
+  is signed at all;
 - a message counts as encrypted only when its top-level packets are session-key packets and
   one integrity-protected container, nothing else (`adapters.pgppackets.encrypted_message`):
   pysequoia would also "decrypt" a plain literal, compressed or signed message, or return the
@@ -20,6 +27,10 @@ stays in this module. What the gateway relies on:
 - pysequoia 0.1.35 does not read the AEAD packet (tag 20) GnuPG writes with OCB: the session
   key and the chunked OCB decryption come from `adapters.pgppackets.open_aead`, and the
   signatures inside go through the same second step.
+
+What is parsed once and kept: the directory's certificates, indexed by key handle, address
+and fingerprint (`key_index`, in `Directory.memo`), and each network identity with its
+decryptors and signer (`network_key`, by the key's octets).
 
 Where pysequoia draws its own randomness and time: session keys and ECDH ephemerals in
 `encrypt` come from Sequoia's RNG (the library offers no hook), and its policy checks
@@ -70,6 +81,7 @@ __all__ = [
     "check_block_count",
     "decrypt",
     "encrypt",
+    "encrypt_signed",
     "generate_identity",
     "key_index",
     "network_key",
@@ -129,15 +141,38 @@ class CertInfo:
 
 @dataclass(frozen=True)
 class KeyIndex:
+    """The directory's certificates in directory order, found by key handle, mail address or
+    fingerprint through tables built once (a directory may hold thousands)."""
+
     certs: tuple[CertInfo, ...]
     problems: tuple[str, ...] = ()
+    by_handle: dict[str, tuple[int, ...]] = field(default_factory=dict, init=False,
+                                                  repr=False, compare=False)
+    by_address: dict[str, tuple[int, ...]] = field(default_factory=dict, init=False,
+                                                   repr=False, compare=False)
+    by_fingerprint: dict[str, tuple[int, ...]] = field(default_factory=dict, init=False,
+                                                       repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for position, cert in enumerate(self.certs):
+            for table, names in ((self.by_handle, cert.key_handles),
+                                 (self.by_address, cert.emails),
+                                 (self.by_fingerprint, (cert.fingerprint,))):
+                for name in names:
+                    table[name] = (*table.get(name, ()), position)
+
+    def _found(self, table: dict[str, tuple[int, ...]], names: Sequence[str]) -> list[CertInfo]:
+        positions = sorted({p for name in names for p in table.get(name, ())})
+        return [self.certs[p] for p in positions]
 
     def lookup(self, handles: Sequence[str]) -> list[CertInfo]:
-        wanted = {h.lower() for h in handles}
-        return [c for c in self.certs if c.key_handles & wanted]
+        return self._found(self.by_handle, [h.lower() for h in handles])
 
     def for_address(self, address: str) -> list[CertInfo]:
-        return [c for c in self.certs if address.lower() in c.emails]
+        return self._found(self.by_address, [address.lower()])
+
+    def with_fingerprint(self, fingerprint: str) -> list[CertInfo]:
+        return self._found(self.by_fingerprint, [fingerprint.upper()])
 
 
 def _cert_info(cert: Any) -> CertInfo:
@@ -194,6 +229,7 @@ class NetworkKey:
     secret_keys: tuple[SecretKey, ...]
     decryptors: tuple[tuple[str, Any], ...]  # (key fingerprint, pysequoia decryptor)
     signing: SecretKey | None
+    signer: Any = None  # pysequoia signer of the whole key, for messages Sequoia signs
     memo: dict[str, object] = field(default_factory=dict, compare=False)
 
 
@@ -258,7 +294,12 @@ def network_key(identity: Identity | None) -> NetworkKey:
                 decryptors.append((fpr, ps.Tsk.from_packets(head + group).decryptor()))
             except Exception:  # a subkey Sequoia's policy refuses is skipped, not fatal
                 continue
-    loaded = NetworkKey(primary_fpr, tuple(secrets.values()), tuple(decryptors), signing)
+    try:
+        signer = tsk.signer()
+    except Exception:  # no signing-capable key: `encrypt_signed` says so when asked
+        signer = None
+    loaded = NetworkKey(primary_fpr, tuple(secrets.values()), tuple(decryptors), signing,
+                        signer)
     if len(_IDENTITIES) >= 32:  # reloads replace identities: keep the cache bounded
         _IDENTITIES.clear()
     _IDENTITIES[identity.openpgp_secret] = loaded
@@ -299,16 +340,34 @@ def _valid(result: Any) -> tuple[tuple[str, str], ...]:
     )
 
 
-def _algorithm(signature_packets: Sequence[bytes]) -> str | None:
+def _describe(sig: Any) -> tuple[str | None, str | None]:
+    """(issuer a parsed signature names, its "key/digest" algorithm), None where unreadable."""
+    try:
+        issuer = sig.issuer_fingerprint or sig.issuer_key_id
+    except Exception:
+        issuer = None
+    try:
+        key = str(sig.key_algorithm).rsplit(".", 1)[-1]
+        digest = str(sig.hash_algorithm).rsplit(".", 1)[-1]
+        algorithm: str | None = f"{key}/{digest}"
+    except Exception:
+        algorithm = None
+    return (str(issuer) if issuer else None), algorithm
+
+
+def _named(signature_packets: Sequence[bytes]) -> tuple[tuple[str, ...], str | None]:
+    """(issuers named, algorithm of the first readable one) of binary signature packets."""
+    issuers: list[str] = []
+    algorithm: str | None = None
     for raw in signature_packets:
         try:
-            sig = ps.Sig.from_bytes(raw)
-            key = str(sig.key_algorithm).rsplit(".", 1)[-1]
-            digest = str(sig.hash_algorithm).rsplit(".", 1)[-1]
-            return f"{key}/{digest}"
+            issuer, described = _describe(ps.Sig.from_bytes(raw))
         except Exception:
             continue
-    return None
+        if issuer:
+            issuers.append(issuer)
+        algorithm = algorithm or described
+    return tuple(issuers), algorithm
 
 
 def verify_detached(data: bytes, signature: bytes, index: KeyIndex) -> SignatureCheck:
@@ -317,20 +376,20 @@ def verify_detached(data: bytes, signature: bytes, index: KeyIndex) -> Signature
         sig = ps.Sig.from_bytes(signature)
     except Exception:
         return SignatureCheck((), (), unreadable=True)
-    issuer = sig.issuer_fingerprint or sig.issuer_key_id
-    algorithm = _algorithm([bytes(sig)])
+    issuer, algorithm = _describe(sig)
     store = _Store(index)
     try:
         result = ps.verify(bytes=data, signature=sig, store=store)
         valid = _valid(result)
     except Exception:
         valid = ()
-    issuers = tuple(store.asked) or ((str(issuer),) if issuer else ())
+    issuers = tuple(store.asked) or ((issuer,) if issuer else ())
     return SignatureCheck(issuers, valid, algorithm)
 
 
 def verify_inline(message: bytes, index: KeyIndex) -> tuple[bytes | None, SignatureCheck]:
-    """(signed content, check) of an inline-signed or cleartext-signed message.
+    """(signed content, check) of an inline-signed message (armored or binary: binary spares
+    pysequoia's slower armor reader) or a cleartext-signed one.
 
     The content is None when pysequoia found no valid signature: it then never hands the
     data out, and the caller keeps the message as it arrived.
@@ -369,7 +428,7 @@ def signature_verdict(
         return fail("damaged signature", Reason.SIGNATURE_INVALID, None)
     first_problem: Verdict | None = None
     for cert_fpr, _key in check.valid:
-        found = [c for c in index.certs if c.fingerprint == cert_fpr]
+        found = index.with_fingerprint(cert_fpr)
         if not found:
             continue
         cert = found[0]
@@ -460,8 +519,10 @@ def _integrity_failure(detail: str) -> PermanentFailure:
     )
 
 
-def _signatures(inner: InnerMessage, index: KeyIndex, seen: Sequence[str]) -> SignatureCheck:
-    """Second step: the signatures inside the decrypted packets, verified by pysequoia."""
+def _signatures(inner: InnerMessage, index: KeyIndex) -> SignatureCheck:
+    """Second step: the signatures inside the decrypted packets, verified by pysequoia over
+    exactly those packets. The issuers the packets name stand in for the ones pysequoia asks
+    about when it stops before asking (a signature it cannot use)."""
     if not inner.signatures:
         return SignatureCheck((), ())
     store = _Store(index)
@@ -469,9 +530,9 @@ def _signatures(inner: InnerMessage, index: KeyIndex, seen: Sequence[str]) -> Si
         valid = _valid(ps.verify(bytes=inner.signed_message, store=store))
     except Exception:
         valid = ()
-    issuers = tuple(store.asked) or tuple(seen)
-    return SignatureCheck(issuers, valid, _algorithm([p.raw for p in inner.signatures]),
-                          unreadable=not issuers and not valid)
+    named, algorithm = _named([p.raw for p in inner.signatures])
+    issuers = tuple(store.asked) or named
+    return SignatureCheck(issuers, valid, algorithm, unreadable=not issuers and not valid)
 
 
 def _decrypt_aead(structure: EncryptedMessage, key: NetworkKey, index: KeyIndex) -> Decryption:
@@ -497,7 +558,7 @@ def _decrypt_aead(structure: EncryptedMessage, key: NetworkKey, index: KeyIndex)
             Reason.DECRYPTION_FAILED, "5.7.5", "openpgp: no session key for the AEAD packet",
         )
     inner, used = opened
-    return Decryption(plaintext, used, _signatures(inner, index, ()), inner)
+    return Decryption(plaintext, used, _signatures(inner, index), inner)
 
 
 def decrypt(message: bytes, key: NetworkKey, index: KeyIndex) -> Decryption:
@@ -543,16 +604,8 @@ def decrypt(message: bytes, key: NetworkKey, index: KeyIndex) -> Decryption:
             "The message could not be decrypted with the gateway's key for this network",
             Reason.DECRYPTION_FAILED, "5.7.5", f"openpgp: {'; '.join(errors)}",
         )
-    # Second step: the signatures inside. A store that only records the issuers tells whether
-    # any signature is there at all, whatever the layering.
-    recorder = _Store(KeyIndex(()))
-    decryptor = dict(key.decryptors)[used]
     try:
-        ps.decrypt(binary, decryptor, store=recorder)
-    except Exception:
-        pass  # expected: with no certificates no signature is valid
-    try:
-        inner = open_inner(binary, list(key.secret_keys))
+        inner = open_inner(structure, list(key.secret_keys))
         literal = inner.literal if inner is not None else None
     except PacketError as error:
         # This code opened the container (session key and MDC verified) and found something
@@ -568,13 +621,16 @@ def decrypt(message: bytes, key: NetworkKey, index: KeyIndex) -> Decryption:
             "5.7.5", "openpgp: pysequoia and the packet reader decrypted different data",
         )
     if inner is not None:
-        check = _signatures(inner, index, recorder.asked)
-    elif recorder.asked:
-        # Signed, but in a form only pysequoia could open: it did not let the check through.
-        check = SignatureCheck(tuple(recorder.asked), ())
-    else:
-        check = SignatureCheck((), ())
-    return Decryption(plaintext, used, check, inner)
+        return Decryption(plaintext, used, _signatures(inner, index), inner)
+    # A format only pysequoia opens: its packets stay out of reach. A store that only records
+    # the issuers tells whether any signature is there at all, whatever the layering; none
+    # is let through as verified.
+    recorder = _Store(KeyIndex(()))
+    try:
+        ps.decrypt(binary, dict(key.decryptors)[used], store=recorder)
+    except Exception:
+        pass  # expected: with no certificates no signature is valid
+    return Decryption(plaintext, used, SignatureCheck(tuple(recorder.asked), ()), None)
 
 
 # -- wrapping ---------------------------------------------------------------------------------
@@ -592,4 +648,18 @@ def sign_detached(key: NetworkKey, data: bytes, now: datetime) -> bytes:
 def encrypt(data: bytes, certs: Sequence[CertInfo]) -> bytes:
     """An armored OpenPGP message of `data` for every certificate (session key by Sequoia)."""
     result = ps.encrypt(data, [c.cert for c in certs], armor=True)
+    return result if isinstance(result, bytes) else str(result).encode("ascii")
+
+
+def encrypt_signed(
+    data: bytes, key: NetworkKey, certs: Sequence[CertInfo], *, armor: bool
+) -> bytes:
+    """An OpenPGP message of `data` signed by the network identity and encrypted to every
+    certificate, in one pass by Sequoia (armored, or binary for an attachment)."""
+    if key.signer is None:
+        raise PermanentFailure(
+            "The gateway's OpenPGP key for this network cannot sign", enhanced="5.7.5",
+            reason=Reason.WRAP_FAILED, detail="identity has no signing-capable secret key",
+        )
+    result = ps.encrypt(data, [c.cert for c in certs], signer=key.signer, armor=armor)
     return result if isinstance(result, bytes) else str(result).encode("ascii")

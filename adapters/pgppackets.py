@@ -30,7 +30,9 @@ compressed or signed message, or encrypted data with anything else appended, is 
 encrypted message (EFAIL-style mixing). Padding carries no data and is dropped.
 
 Key material and signatures use `cryptography` (Ed25519, X25519, RSA, AES key wrap, AES-CFB,
-AES-OCB3). Armor (RFC 9580 §6) is read by `dearmor`, a single pass over the text.
+AES-OCB3). Armor (RFC 9580 §6) is read by `dearmor` with bytes methods that run in C over the
+whole text (a line with blanks in it is read one line at a time); `message_packets` reads it
+once for both the choice between decryption and verification and the step chosen.
 Key generation draws randomness from the `random` callable it is given and reads no clock.
 
 Untrusted input: every packet handed to `dearmor`, `split_packets`, `encrypted_message`,
@@ -44,12 +46,14 @@ from __future__ import annotations
 import base64
 import binascii
 import bz2
+import functools
 import hashlib
 import hmac
+import itertools
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 # OpenPGP's CFB lives in the "decrepit" corner of cryptography (43 and later).
@@ -75,8 +79,8 @@ __all__ = [
     "dearmor",
     "detached_signature",
     "encrypted_message",
-    "has_encryption_packets",
     "iter_packets",
+    "message_packets",
     "open_aead",
     "open_inner",
     "packet",
@@ -152,72 +156,128 @@ class Unsupported(PacketError):
     """A well-formed packet using an algorithm or version this code does not implement."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Packet:
+    """One packet, as offsets into the octets it was read from: its body, or the whole packet,
+    is copied out only when asked for (the data packet is most of a message's size)."""
+
     tag: int
-    body: bytes
-    raw: bytes  # the packet as it arrived, header included
+    source: bytes = field(repr=False)
+    start: int  # the first octet of the header
+    end: int  # just after the body
+    pieces: tuple[tuple[int, int], ...]  # the body: one piece, or one per partial length
+
+    @functools.cached_property
+    def body(self) -> bytes:
+        return self.body_from(0)
+
+    @functools.cached_property
+    def raw(self) -> bytes:
+        """The packet as it arrived, header included."""
+        return self.source[self.start: self.end]
+
+    @property
+    def body_length(self) -> int:
+        return sum(last - first for first, last in self.pieces)
+
+    def body_from(self, offset: int) -> bytes:
+        """The body from octet `offset` on."""
+        if len(self.pieces) == 1:
+            first, last = self.pieces[0]
+            return self.source[min(first + offset, last): last]
+        joined = b"".join([self.source[first:last] for first, last in self.pieces])
+        return joined[offset:] if offset else joined
+
+    def body_prefix(self, count: int) -> bytes:
+        """The first `count` octets of the body (fewer if it is shorter)."""
+        prefix: list[bytes] = []
+        for first, last in self.pieces:
+            prefix.append(self.source[first: min(last, first + count)])
+            count -= len(prefix[-1])
+            if count <= 0:
+                break
+        return b"".join(prefix)
+
+    def view(self) -> memoryview:
+        """The body, without copying it when it is one piece."""
+        if len(self.pieces) == 1:
+            first, last = self.pieces[0]
+            return memoryview(self.source)[first:last]
+        return memoryview(self.body)
 
 
 # -- framing (RFC 9580 §4.2) ------------------------------------------------------------------
 
-def _new_length(data: bytes, offset: int) -> tuple[int, int, bool]:
+def _new_length(data: bytes, offset: int, stop: int) -> tuple[int, int, bool]:
     """(length, header size, partial) of a new-format length at `offset`."""
     first = data[offset]
     if first < 192:
         return first, 1, False
     if first < 224:
-        if offset + 1 >= len(data):
+        if offset + 1 >= stop:
             raise PacketError("truncated packet length")
         return ((first - 192) << 8) + data[offset + 1] + 192, 2, False
     if first == 255:
-        if offset + 5 > len(data):
+        if offset + 5 > stop:
             raise PacketError("truncated packet length")
         return struct.unpack(">I", data[offset + 1: offset + 5])[0], 5, False
     return 1 << (first & 0x1F), 1, True
 
 
-def iter_packets(data: bytes) -> Iterator[Packet]:
-    """The packets of a binary OpenPGP sequence, one at a time, bodies reassembled from
-    partial lengths. Lazy, so that a caller refusing the structure stops reading early."""
+def _packet_at(data: bytes, offset: int, stop: int) -> tuple[int, list[tuple[int, int]], int]:
+    """(tag, body pieces as (start, end) offsets, end) of the packet whose header is at
+    `offset`, within `data[:stop]`: one piece, or one per partial length."""
+    ctb = data[offset]
+    if not ctb & 0x80:
+        raise PacketError("not an OpenPGP packet header")
+    offset += 1
+    pieces: list[tuple[int, int]] = []
+    if ctb & 0x40:
+        tag = ctb & 0x3F
+        while True:
+            if offset >= stop:
+                raise PacketError("truncated packet")
+            length, size, partial = _new_length(data, offset, stop)
+            offset += size
+            if offset + length > stop:
+                raise PacketError("truncated packet body")
+            pieces.append((offset, offset + length))
+            offset += length
+            if not partial:
+                break
+        return tag, pieces, offset
+    tag = (ctb >> 2) & 0x0F
+    kind = ctb & 3
+    if kind == 3:  # indeterminate: to the end of the data
+        return tag, [(offset, stop)], stop
+    size = (1, 2, 4)[kind]
+    if offset + size > stop:
+        raise PacketError("truncated packet length")
+    length = int.from_bytes(data[offset: offset + size], "big")
+    offset += size
+    if offset + length > stop:
+        raise PacketError("truncated packet body")
+    return tag, [(offset, offset + length)], offset + length
+
+
+def iter_packets(data: bytes, start: int = 0, stop: int | None = None) -> Iterator[Packet]:
+    """The packets of a binary OpenPGP sequence (`data[start:stop]`), one at a time, bodies
+    reassembled from partial lengths. Lazy, so that a caller refusing the structure stops
+    reading early."""
+    stop = len(data) if stop is None else stop
+    offset = start
+    while offset < stop:
+        tag, pieces, end = _packet_at(data, offset, stop)
+        yield Packet(tag, data, offset, end, tuple(pieces))
+        offset = end
+
+
+def _tags(data: bytes) -> Iterator[int]:
+    """The tags of the packets of a binary OpenPGP sequence."""
     offset = 0
     while offset < len(data):
-        start = offset
-        ctb = data[offset]
-        if not ctb & 0x80:
-            raise PacketError("not an OpenPGP packet header")
-        offset += 1
-        if ctb & 0x40:
-            tag = ctb & 0x3F
-            chunks: list[bytes] = []
-            while True:
-                if offset >= len(data):
-                    raise PacketError("truncated packet")
-                length, size, partial = _new_length(data, offset)
-                offset += size
-                if offset + length > len(data):
-                    raise PacketError("truncated packet body")
-                chunks.append(data[offset: offset + length])
-                offset += length
-                if not partial:
-                    break
-            body = b"".join(chunks)
-        else:
-            tag = (ctb >> 2) & 0x0F
-            kind = ctb & 3
-            if kind == 3:  # indeterminate: to the end of the data
-                body, offset = data[offset:], len(data)
-            else:
-                size = (1, 2, 4)[kind]
-                if offset + size > len(data):
-                    raise PacketError("truncated packet length")
-                length = int.from_bytes(data[offset: offset + size], "big")
-                offset += size
-                if offset + length > len(data):
-                    raise PacketError("truncated packet body")
-                body = data[offset: offset + length]
-                offset += length
-        yield Packet(tag, body, data[start:offset])
+        tag, _, offset = _packet_at(data, offset, len(data))
+        yield tag
 
 
 def split_packets(data: bytes) -> list[Packet]:
@@ -230,6 +290,7 @@ def dearmor(data: bytes) -> bytes:
 
     Text before the BEGIN line and after the END line is ignored (it is never handed on);
     the CRC-24 line is ignored as RFC 9580 §6.1 asks: integrity comes from the encryption.
+    Each armor line counts with the whitespace at its ends removed; empty lines are skipped.
     """
     if data[:1] and data[0] & 0x80:
         return data
@@ -241,16 +302,68 @@ def dearmor(data: bytes) -> bytes:
         raise PacketError("armored OpenPGP message without its END line")
     if data.find(b"-----BEGIN PGP", end) >= 0:
         raise PacketError("more than one armored block")
-    lines = data[begin + len(_ARMOR_BEGIN): end].split(b"\n")
-    if lines[0].strip():
+    start = begin + len(_ARMOR_BEGIN)
+    stop = data.find(b"\n", start, end)
+    if stop < 0:
+        stop = end
+    if data[start:stop].strip():
         raise PacketError("text after the armor header line")
     # Armor headers (`Key: Value`) come first; a base64 line never holds a colon.
-    position = 1
-    while position < len(lines) and b":" in lines[position]:
-        position += 1
+    start = stop + 1
+    while start < end:
+        stop = data.find(b"\n", start, end)
+        if stop < 0:
+            stop = end
+        if data.find(b":", start, stop) < 0:
+            break
+        start = stop + 1
+    try:
+        return base64.b64decode(_armor_base64(data[start:end]), validate=True)
+    except (binascii.Error, ValueError):
+        raise PacketError("armored OpenPGP message is not valid base64") from None
+
+
+# Whitespace `bytes.strip` removes besides CR and LF: armor lines holding any of it are read
+# one by one; lines that hold none (every encoder's output) are read with bytes methods.
+_LINE_SPACE = (b" ", b"\t", b"\x0b", b"\x0c")
+_CR_TO_LF = bytes.maketrans(b"\r", b"\n")
+
+
+def _armor_base64(text: bytes) -> bytes:
+    """The base64 of the armor lines in `text`: every line up to the checksum line (`=` then
+    the CRC-24), after which only empty lines may stand. A line ends at CRLF, LF or a lone CR
+    (the line breaks `canonical_crlf` knows); its ends are stripped of whitespace."""
+    if any(space in text for space in _LINE_SPACE):
+        return _armor_base64_by_line(text)
+    # Only line breaks separate the lines here, and base64 holds "=" only as padding at its
+    # very end: the first "=" either starts the checksum line or ends the data in its line.
+    equals = text.find(b"=")
+    if equals < 0:
+        return text.translate(None, b"\r\n")
+    if equals and text[equals - 1] not in b"\r\n":
+        data_end = _line_end(text, equals)
+        rest = text[data_end:].lstrip(b"\r\n")
+        if rest and not rest.startswith(b"="):
+            # A data line after the padding: base64 that `b64decode` would refuse.
+            raise PacketError("armored OpenPGP message is not valid base64")
+    else:
+        data_end, rest = equals, text[equals:]
+    if rest[_line_end(rest, 0):].strip(b"\r\n"):
+        raise PacketError("armored data after the checksum line")
+    return text[:data_end].translate(None, b"\r\n")
+
+
+def _line_end(text: bytes, start: int) -> int:
+    """Where the line holding `text[start]` ends (its CR or LF), or the end of `text`."""
+    ends = [at for at in (text.find(b"\n", start), text.find(b"\r", start)) if at >= 0]
+    return min(ends, default=len(text))
+
+
+def _armor_base64_by_line(text: bytes) -> bytes:
+    """`_armor_base64` for lines with spaces or tabs in them: one line at a time."""
     payload: list[bytes] = []
     checksum_seen = False
-    for line in lines[position:]:
+    for line in text.translate(_CR_TO_LF).split(b"\n"):
         line = line.strip()
         if not line:
             continue
@@ -260,28 +373,30 @@ def dearmor(data: bytes) -> bytes:
             checksum_seen = True
             continue
         payload.append(line)
-    try:
-        return base64.b64decode(b"".join(payload), validate=True)
-    except (binascii.Error, ValueError):
-        raise PacketError("armored OpenPGP message is not valid base64") from None
+    return b"".join(payload)
 
 
 def top_level_tags(data: bytes) -> list[int]:
     """The tags of the top-level packets of an armored or binary message."""
-    return [item.tag for item in iter_packets(dearmor(data))]
+    return list(_tags(dearmor(data)))
 
 
 _ENCRYPTION_TAGS = frozenset({TAG_PKESK, TAG_SKESK, TAG_SED, TAG_SEIPD, TAG_AED})
 
 
-def has_encryption_packets(data: bytes) -> bool:
-    """Whether any top-level packet of a message is about encryption, so that it goes to
-    decryption (which refuses anything but a pure encrypted message) rather than to
-    signature verification. Unreadable data counts: decryption then reports it."""
+def message_packets(data: bytes) -> tuple[bytes, bool]:
+    """(binary packets, whether any top-level packet is about encryption) of an armored or
+    binary message. A message with such a packet goes to decryption (which refuses anything
+    but a pure encrypted message), any other to signature verification: each is handed the
+    binary, so the armor is read once.
+
+    Unreadable data goes to decryption as it arrived, which then reports why.
+    """
     try:
-        return any(tag in _ENCRYPTION_TAGS for tag in top_level_tags(data))
+        binary = dearmor(data)
+        return binary, any(tag in _ENCRYPTION_TAGS for tag in _tags(binary))
     except PacketError:
-        return True
+        return data, True
 
 
 @dataclass(frozen=True)
@@ -291,15 +406,11 @@ class EncryptedMessage:
 
     session_key_packets: tuple[Packet, ...]
     container: Packet  # SEIPD (tag 18) or AEAD (tag 20)
+    binary: bytes  # exactly the packets accepted (marker and padding packets dropped)
 
     @property
     def pkesks(self) -> tuple[Packet, ...]:
         return tuple(p for p in self.session_key_packets if p.tag == TAG_PKESK)
-
-    @property
-    def binary(self) -> bytes:
-        """Exactly the packets accepted (marker and padding packets dropped)."""
-        return b"".join(p.raw for p in self.session_key_packets) + self.container.raw
 
 
 def encrypted_message(binary: bytes) -> EncryptedMessage:
@@ -311,9 +422,11 @@ def encrypted_message(binary: bytes) -> EncryptedMessage:
     """
     session_keys: list[Packet] = []
     container: Packet | None = None
+    dropped = False
     for item in iter_packets(binary):
         if container is not None:
             if item.tag == TAG_PADDING:
+                dropped = True
                 continue
             if item.tag == TAG_SED:
                 raise NoIntegrity("unprotected encrypted data packet after the encrypted data")
@@ -325,6 +438,7 @@ def encrypted_message(binary: bytes) -> EncryptedMessage:
                     f"more than {_MAX_SESSION_KEY_PACKETS} session key packets"
                 )
         elif item.tag in (TAG_MARKER, TAG_PADDING):
+            dropped = True
             continue
         elif item.tag == TAG_SED:
             raise NoIntegrity("symmetrically encrypted data packet without MDC")
@@ -336,7 +450,9 @@ def encrypted_message(binary: bytes) -> EncryptedMessage:
         raise NotEncrypted("no encrypted data packet")
     if not session_keys:
         raise NotEncrypted("encrypted data without any session key packet")
-    return EncryptedMessage(tuple(session_keys), container)
+    # Every octet of `binary` belongs to a packet: with none dropped, it is the message.
+    accepted = b"".join([p.raw for p in session_keys] + [container.raw]) if dropped else binary
+    return EncryptedMessage(tuple(session_keys), container, accepted)
 
 
 def packet(tag: int, body: bytes) -> bytes:
@@ -464,7 +580,10 @@ def _signature(
     hashed = subpackets + issuer_fpr
     head = bytes([4, kind, key.algorithm, HASH_SHA256]) + struct.pack(">H", len(hashed)) + hashed
     trailer = b"\x04\xff" + struct.pack(">I", len(head))
-    digest = hashlib.sha256(hashed_prefix + head + trailer).digest()
+    hasher = hashlib.sha256(hashed_prefix)  # fed piece by piece: the data is not copied
+    hasher.update(head)
+    hasher.update(trailer)
+    digest = hasher.digest()
     unhashed = _subpacket(16, key.key_id)
     body = head + struct.pack(">H", len(unhashed)) + unhashed + digest[:2]
     return packet(TAG_SIGNATURE, body + _sign_digest(key, digest))
@@ -621,22 +740,25 @@ def _session_keys(
     return found
 
 
-def _open_seipd(body: bytes, symmetric: int, session: bytes) -> bytes | None:
+def _open_seipd(container: Packet, symmetric: int, session: bytes) -> bytes | None:
+    """The decrypted data of a v1 SEIPD packet (random prefix and its quick check, the
+    message's packets, the MDC packet), or None unless the MDC over all of it verified."""
+    body = container.view()
     if not body or body[0] != 1 or _AES_KEY_SIZES.get(symmetric) != len(session):
         return None
     decryptor = Cipher(algorithms.AES(session), _CFB(bytes(16))).decryptor()
     plain = decryptor.update(body[1:]) + decryptor.finalize()
     if len(plain) < 16 + 2 + 22 or plain[14:16] != plain[16:18]:
         return None
-    mdc = hashlib.sha1(plain[:-20]).digest()
+    mdc = hashlib.sha1(memoryview(plain)[:-20]).digest()
     if plain[-22:-20] != b"\xd3\x14" or not hmac.compare_digest(mdc, plain[-20:]):
         return None
-    return plain[18:-22]
+    return plain
 
 
-def _inflate(algorithm: int, data: bytes) -> bytes:
+def _inflate(algorithm: int, data: memoryview) -> bytes:
     if algorithm == 0:
-        return data
+        return bytes(data)
     if algorithm in (1, 2):
         inflater = zlib.decompressobj(-15 if algorithm == 1 else 15)
         out = inflater.decompress(data, _MAX_INFLATED)
@@ -666,10 +788,11 @@ class InnerMessage:
     def literal(self) -> bytes:
         for item in self.packets:
             if item.tag == TAG_LITERAL:
-                body = item.body
-                if len(body) < 2 or len(body) < 2 + body[1] + 4:
+                # format, file name length, file name, date, then the data (RFC 9580 §5.9)
+                head = item.body_prefix(2)
+                if len(head) < 2 or item.body_length < 2 + head[1] + 4:
                     raise PacketError("truncated literal data packet")
-                return body[2 + body[1] + 4:]
+                return item.body_from(2 + head[1] + 4)
         raise PacketError("no literal data packet")
 
     @property
@@ -678,18 +801,26 @@ class InnerMessage:
 
     @property
     def signed_message(self) -> bytes:
-        """One-pass signatures, literal data and signatures as one uncompressed message."""
+        """One-pass signatures, literal data and signatures as one uncompressed message:
+        the octets they were read from when they stand there side by side."""
+        first, last = self.packets[0], self.packets[-1]
+        if all(one.source is other.source and one.end == other.start
+               for one, other in itertools.pairwise(self.packets)):
+            return first.source[first.start: last.end]
         return b"".join(p.raw for p in self.packets)
 
 
-def _flatten(data: bytes, out: list[Packet], depth: int = 0) -> None:
+def _flatten(
+    data: bytes, out: list[Packet], depth: int = 0, start: int = 0, stop: int | None = None
+) -> None:
     if depth > _MAX_DEPTH:
         raise PacketError("too many nested compression layers")
-    for item in iter_packets(data):
+    for item in iter_packets(data, start, stop):
         if item.tag == TAG_COMPRESSED:
-            if not item.body:
+            body = item.view()
+            if not body:
                 raise PacketError("empty compressed data packet")
-            _flatten(_inflate(item.body[0], item.body[1:]), out, depth + 1)
+            _flatten(_inflate(body[0], body[1:]), out, depth + 1)
         elif item.tag in (TAG_MARKER, TAG_PADDING):
             continue
         else:
@@ -698,10 +829,11 @@ def _flatten(data: bytes, out: list[Packet], depth: int = 0) -> None:
                 raise PacketError(f"more than {_MAX_INNER_PACKETS} packets in the encrypted data")
 
 
-def _inner_message(plain: bytes) -> InnerMessage:
-    """The decrypted packets, checked against the message grammar (RFC 9580 §10.3)."""
+def _inner_message(plain: bytes, start: int = 0, stop: int | None = None) -> InnerMessage:
+    """The decrypted packets in `plain[start:stop]`, checked against the message grammar
+    (RFC 9580 §10.3)."""
     packets: list[Packet] = []
-    _flatten(plain, packets)
+    _flatten(plain, packets, 0, start, stop)
     literals = sum(1 for p in packets if p.tag == TAG_LITERAL)
     if literals != 1:
         raise PacketError(f"the encrypted data holds {literals} literal data packets, not one")
@@ -711,20 +843,20 @@ def _inner_message(plain: bytes) -> InnerMessage:
     return InnerMessage(tuple(packets))
 
 
-def open_inner(message: bytes, keys: list[SecretKey]) -> InnerMessage | None:
+def open_inner(structure: EncryptedMessage, keys: list[SecretKey]) -> InnerMessage | None:
     """The decrypted packets of a PKESK + SEIPD v1 message, or None if this code cannot open it.
 
     None covers formats left to pysequoia alone (SEIPD v2, ciphers other than AES, key types
     other than RSA and Cv25519): the caller then does not learn the signatures. Raises
     PacketError when the message opens but what it holds is not one literal message.
     """
-    structure = encrypted_message(message)
     if structure.container.tag != TAG_SEIPD:
         return None
     for symmetric, session, _fingerprint in _session_keys(structure.pkesks, keys):
-        plain = _open_seipd(structure.container.body, symmetric, session)
+        plain = _open_seipd(structure.container, symmetric, session)
         if plain is not None:
-            return _inner_message(plain)
+            # Between the random prefix with its quick check and the MDC packet.
+            return _inner_message(plain, 18, len(plain) - 22)
     return None
 
 

@@ -112,12 +112,16 @@ class Events:
                  envelope.source_network, envelope.peer.address)
         self.metrics.received.labels(envelope.source_network).inc()
 
-    def rejected(self, server: Any, command: str, argument: str, error: GatewayError) -> None:
+    def rejected(self, server: Any, command: str, argument: str, error: GatewayError,
+                 queue_id: str | None = None) -> None:
+        """A refusal. `queue_id` when its `received` record was written already (the spool or
+        the audit failed after the end of DATA): the two records then name the same message."""
         network = "unknown"
         self.metrics.failed.labels(f"{network}->unknown", error.reason.value).inc()
         peer = server.session.peer[0] if server.session and server.session.peer else None
         self._audit("rejected", peer=peer, command=command, argument=argument[:300],
-                    reply=error.smtp_reply, detail=error.detail, reason=error.reason.value)
+                    reply=error.smtp_reply, detail=error.detail, reason=error.reason.value,
+                    queue_id=queue_id)
 
     def unwrapped(self, envelope: Envelope, prepared: Prepared) -> None:
         verdict = prepared.verdict

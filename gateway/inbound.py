@@ -4,27 +4,31 @@ Untrusted input: everything a peer sends on the connection.
 
 A thin shim over aiosmtpd, as Postfix's smtpd is a thin front of the queue: it authenticates the
 peer, routes each RCPT at RCPT time (so the gateway is never an open relay), refuses smuggling
-attempts, and says 250 only once `spool.enqueue` has made the message durable.
+attempts, and says 250 only once the spool has made the message durable.
 
 - MAIL FROM: the peer must be authenticated for a network (`peers.resolve_source`) and the sender
   must belong to that network (or be the null sender).
 - RCPT TO: the domain must belong to a network (else 550 5.1.2) and `routes:` must allow
   source → destination (else 550 5.7.1).
-- DATA: read here, not by aiosmtpd (`DataReader`), in large chunks and in memory bounded by the
-  size limit plus one line, whatever the peer sends. Only <CRLF>.<CRLF> ends it. A bare CR or
-  LF anywhere is refused with 550 5.6.0 rather than normalised, and so is a NUL (RFC 2045
-  §2.8): a smuggled `\\n.\\n` or `\\r\\n\\0.\\r\\n` then never becomes a second message here
-  nor at a next hop that reads line ends differently or drops NULs. Lines longer than 998
-  octets are refused (RFC 5321 §4.5.3.1.6); dot-stuffing is undone (§4.5.2). Past the size
-  limit the rest is discarded as it arrives and the peer gets 552 5.3.4 after the terminator
-  (RFC 1870 §6); a peer that never sends it is cut off after a bounded amount.
+- DATA: read here, not by aiosmtpd (`gateway.smtp_data.DataReader`), in large chunks and in
+  memory bounded by the size limit plus one line, whatever the peer sends. Only <CRLF>.<CRLF>
+  ends it. A bare CR or LF anywhere is refused with 550 5.6.0 rather than normalised, and so
+  is a NUL (RFC 2045 §2.8): a smuggled `\\n.\\n` or `\\r\\n\\0.\\r\\n` then never becomes a
+  second message here nor at a next hop that reads line ends differently or drops NULs. Lines
+  longer than 998 octets are refused (RFC 5321 §4.5.3.1.6); dot-stuffing is undone (§4.5.2).
+  Past the size limit the rest is discarded as it arrives and the peer gets 552 5.3.4 after
+  the terminator (RFC 1870 §6); a peer that never sends it is cut off after a bounded amount.
 - The transaction ends with DATA (accepted or not), RSET, HELO/EHLO and STARTTLS (RFC 5321
   §4.1.4, RFC 3207 §4.2): a RCPT after it needs a new MAIL FROM.
-- 250 only once the message is spooled and its `received` audit record is durable. A failure
-  on the way (spool, audit, a defect) is a 451 4.3.0 and the spooled copy is withdrawn, as it
-  is when the peer leaves before the reply: the peer sends again, and delivering this copy as
-  well would deliver the message twice. No exception reaches the peer as aiosmtpd's generic
-  500; internal details only reach the log and the audit trail.
+- 250 only once the message is spooled and its `received` audit record is durable. The two
+  run side by side: while a spool worker thread writes and fsyncs the queue file and its
+  folder, the event loop writes the record and starts the audit fsync; each fsync is shared by
+  the sessions that reach it at the same moment. A failure on the way (spool, audit, a defect)
+  is a 451 4.3.0 and the spooled copy is withdrawn, as it is when the peer leaves before the
+  reply: the peer sends again, and delivering this copy as well would deliver the message
+  twice. A `received` record may thus be followed by a `rejected` one with the same queue
+  id. No exception reaches the peer as aiosmtpd's generic 500; internal details only reach the
+  log and the audit trail.
 """
 
 from __future__ import annotations
@@ -49,17 +53,15 @@ from gateway.envelope import Envelope, Peer, Recipient
 from gateway.errors import GatewayError, PermanentFailure, Reason, TemporaryFailure
 from gateway.peers import PeerIdentity, PeerTrust, resolve_source
 from gateway.runtime import Runtime
+from gateway.smtp_data import DataReader
 from gateway.spool import Spool
 
 __all__ = ["DataReader", "Inbound"]
 
 log = logging.getLogger("gateway.inbound")
 
-_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 
-_MAX_LINE = 998  # octets, without the CRLF (RFC 5321 §4.5.3.1.6)
-_TERMINATOR = b"\r\n.\r\n"
 _CHUNK = 64 * 1024
 # A peer still sending this many times the size limit after crossing it is not going to end
 # DATA: it is cut off rather than read until the session timeout.
@@ -86,126 +88,11 @@ _UNKNOWN_COMMAND = '500 Error: command "'
 Accepted = Callable[[Envelope], None]
 
 
-def _too_large() -> GatewayError:
-    return PermanentFailure("Message exceeds the maximum size accepted here",
-                            smtp_code=552, enhanced="5.3.4", reason=Reason.TOO_LARGE)
-
-
-def _line_too_long() -> GatewayError:
-    return PermanentFailure(
-        "Line longer than 998 octets (RFC 5321 §4.5.3.1.6); fix the sending software",
-        smtp_code=500, enhanced="5.5.2", reason=Reason.MALFORMED,
-    )
-
-
-def _bare_line_end() -> GatewayError:
-    return PermanentFailure(
-        "Message refused: a bare CR or LF was found; only CRLF may end a line "
-        "(RFC 5321 §2.3.8), fix the sending software",
-        smtp_code=550, enhanced="5.6.0", reason=Reason.SMUGGLING,
-    )
-
-
-def _nul() -> GatewayError:
-    return PermanentFailure(
-        "Message refused: a NUL octet was found (RFC 2045 §2.8), fix the sending software",
-        smtp_code=550, enhanced="5.6.0", reason=Reason.SMUGGLING,
-    )
-
-
-class DataReader:
-    """Finds the end of DATA and undoes dot-stuffing, in bounded memory (sans-I/O).
-
-    Fed the octets that follow the 354 reply as they arrive, in chunks cut anywhere. Only
-    <CRLF>.<CRLF> ends DATA; the CRLF of the DATA command counts as the first, so a lone dot
-    at once is an empty message. While the message is within `limit` and well formed, each
-    complete line is checked (no bare CR or LF, no NUL, at most 998 octets), de-stuffed
-    (RFC 5321 §4.5.2) and kept; an unfinished last line waits for its CRLF. From the first
-    fault on nothing more is kept: the rest is only searched for the terminator, with the last
-    four octets carried across chunks, and the fault is the reply once it comes.
-
-    Memory: the message so far (at most `limit`) plus one unfinished line. Time: a few passes
-    of C code (find, split, replace, one regular expression) over each octet.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.received = 0  # octets consumed, up to and including the terminator
-        self.error: GatewayError | None = None
-        self._body = bytearray()
-        self._pending = bytearray()  # the unfinished line, from its first octet
-        self._carry = b""  # once faulted: the last octets seen, for a terminator across chunks
-
-    def feed(self, chunk: bytes) -> int | None:
-        """Consume `chunk`: None while DATA goes on, else the offset in `chunk` just past
-        <CRLF>.<CRLF> (what follows is the peer's next command)."""
-        end = self._keep(chunk) if self.error is None else self._discard(chunk)
-        self.received += len(chunk) if end is None else end
-        return end
-
-    def content(self) -> bytes:
-        """The message as the sender wrote it, once `feed` found the end without `error`."""
-        return bytes(self._body)
-
-    def buffered(self) -> int:
-        """Octets held."""
-        return len(self._body) + len(self._pending) + len(self._carry)
-
-    def _keep(self, chunk: bytes) -> int | None:
-        start = len(self._pending)
-        self._pending += chunk
-        data = self._pending
-        # `data` begins a line, so a lone dot there is the end.
-        if data.startswith(b".\r\n"):
-            self._pending = bytearray()
-            return 3 - start
-        # What was pending holds no CRLF: only its last octet (a CR) can begin one.
-        since = max(0, start - 1)
-        found = data.find(_TERMINATOR, since)
-        if found >= 0:
-            self._lines(data[: found + 2])
-            self._pending = bytearray()
-            return found + len(_TERMINATOR) - start
-        last = data.rfind(b"\r\n", since)
-        if last >= 0:
-            self._lines(data[: last + 2])
-            del data[: last + 2]
-        if self.error is None and len(data) > _MAX_LINE + 1:  # + 1: a CR may await its LF
-            self.error = _line_too_long()
-        if self.error is None and len(self._body) + len(data) > self.limit:
-            self.error = _too_large()
-        if self.error is not None:
-            # The CRLF before `data` (a line end, or the DATA command's) may open the terminator.
-            self._carry = (b"\r\n" + bytes(data[-(len(_TERMINATOR) - 1) :]))[
-                -(len(_TERMINATOR) - 1) :]
-            self._body = bytearray()
-            self._pending = bytearray()
-        return None
-
-    def _lines(self, lines: bytes | bytearray) -> None:
-        """Check and keep complete lines (`lines` begins a line and ends with CRLF)."""
-        if self.error is not None:
-            return
-        if b"\x00" in lines:
-            self.error = _nul()
-        elif _BARE_LINE_END.search(lines):
-            self.error = _bare_line_end()
-        elif len(lines) > _MAX_LINE + 2 and max(map(len, lines.split(b"\r\n"))) > _MAX_LINE:
-            self.error = _line_too_long()
-        else:
-            if lines.startswith(b"."):
-                lines = lines[1:]
-            self._body += lines.replace(b"\r\n.", b"\r\n")
-            if len(self._body) > self.limit:
-                self.error = _too_large()
-
-    def _discard(self, chunk: bytes) -> int | None:
-        window = self._carry + chunk
-        found = window.find(_TERMINATOR)
-        if found >= 0:
-            return found + len(_TERMINATOR) - len(self._carry)
-        self._carry = window[-(len(_TERMINATOR) - 1) :]
-        return None
+def _settled(future: asyncio.Future[None]) -> None:
+    """Collect the outcome of an audit fsync, which nobody awaits any more once the reply is a
+    451 for another reason: its failure is not reported a second time as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 @dataclass
@@ -235,7 +122,7 @@ class GatewaySMTP(SMTP):
 
     # aiosmtpd sizes its StreamReader with this: the buffer for command lines and DATA chunks
     # (reading pauses past twice this much). It is not the DATA line limit, which is
-    # `_MAX_LINE` in `DataReader`; command lines are held to `command_size_limit`.
+    # `MAX_LINE` in `gateway.smtp_data`; command lines are held to `command_size_limit`.
     line_length_limit = 64 * 1024
 
     def __init__(self, inbound: Inbound, listener: Listener, **kwargs: Any) -> None:
@@ -515,14 +402,14 @@ class Inbound:
         return network.name
 
     def rejected(self, server: GatewaySMTP, command: str, argument: str,
-                 error: GatewayError) -> None:
+                 error: GatewayError, queue_id: str | None = None) -> None:
         peer = server.session.peer if server.session is not None else None
         log.info("reject %s %s from %s: %s (%s)", command, argument, peer,
                  error.smtp_reply, error.detail)
         if self.events is None:
             return
         try:
-            self.events.rejected(server, command, argument, error)
+            self.events.rejected(server, command, argument, error, queue_id=queue_id)
         except Exception:
             # The refusal stands without its record: refusing is the safe side, and the peer
             # still learns why. The operator learns of the audit trail's failure here.
@@ -548,18 +435,37 @@ class Inbound:
         if transaction is None or not transaction.recipients:
             return "503 5.5.1 Need RCPT command"
         data = smtp_envelope.original_content or b""
+        queue_id: str | None = None
+        recorded: asyncio.Future[None] | None = None
         try:
             envelope = self._envelope(server, session, transaction, data)
+            queue_id = envelope.queue_id
+            if self.events is not None:
+                # Runs once `enqueue` has handed the message to the spool's worker thread: the
+                # `received` record is written, and fsync'ed, while the queue file is.
+                recorded = asyncio.ensure_future(self._record_received(envelope))
+                recorded.add_done_callback(_settled)
             await self.spool.enqueue(envelope, data)
+        except asyncio.CancelledError:
+            if recorded is not None:  # the spool removes its own copy of a cancelled enqueue
+                self.rejected(server, "DATA", f"{len(data)} octets", TemporaryFailure(
+                    "The session ended before the reply", detail="session ended before the 250"),
+                    queue_id=queue_id)
+            raise
         except GatewayError as error:
-            self.rejected(server, "DATA", f"{len(data)} octets", error)
+            self.rejected(server, "DATA", f"{len(data)} octets", error, queue_id=queue_id)
             return error.smtp_reply
         except Exception as error:  # a defect or an unforeseen condition: a 4xx, not a 500
             log.exception("could not spool a message of %d octets", len(data))
             failure = TemporaryFailure(_LOCAL_ERROR, detail=f"{type(error).__name__}: {error}")
-            self.rejected(server, "DATA", f"{len(data)} octets", failure)
+            self.rejected(server, "DATA", f"{len(data)} octets", failure, queue_id=queue_id)
             return failure.smtp_reply
-        return await self._commit(server, envelope)
+        return await self._commit(server, envelope, recorded)
+
+    async def _record_received(self, envelope: Envelope) -> None:
+        assert self.events is not None
+        self.events.received(envelope)
+        await self.events.durable()
 
     def _envelope(self, server: GatewaySMTP, session: Session, transaction: Transaction,
                   data: bytes) -> Envelope:
@@ -583,18 +489,19 @@ class Inbound:
             envid=transaction.envid,
         )
 
-    async def _commit(self, server: GatewaySMTP, envelope: Envelope) -> str:
-        """Record the spooled message as received, durably, then schedule it: the 250.
+    async def _commit(self, server: GatewaySMTP, envelope: Envelope,
+                      recorded: asyncio.Future[None] | None) -> str:
+        """The message is durable in the spool: once its `received` audit record is too,
+        schedule it and give the 250.
 
-        If that fails, or the session ends first, the spooled copy is withdrawn: the peer got
-        no 250 and will send the message again.
+        If the record cannot be made durable, or the session ends first, the spooled copy is
+        withdrawn: the peer got no 250 and will send the message again.
         """
         withdrawn = f"{envelope.size} octets, {envelope.queue_id} withdrawn"
         try:
-            if self.events is not None:
-                self.events.received(envelope)
+            if recorded is not None and self.events is not None:
                 # The `received` record of a message that gets a 250 must survive a crash.
-                await self.events.durable()
+                await recorded
                 self.events.accepted(envelope)
             self.accepted(envelope)
         except asyncio.CancelledError:
@@ -602,7 +509,8 @@ class Inbound:
             self._withdrawals.add(task)
             task.add_done_callback(self._withdrawals.discard)
             self.rejected(server, "DATA", withdrawn, TemporaryFailure(
-                "The session ended before the reply", detail="session ended before the 250"))
+                "The session ended before the reply", detail="session ended before the 250"),
+                queue_id=envelope.queue_id)
             raise
         except Exception as error:
             log.error("%s: could not record the message as received, withdrawing it",
@@ -610,7 +518,7 @@ class Inbound:
             await self._withdraw(envelope.queue_id)
             failure = TemporaryFailure(_UNRECORDED, detail=f"{type(error).__name__}: {error}",
                                        reason=Reason.AUDIT_UNAVAILABLE)
-            self.rejected(server, "DATA", withdrawn, failure)
+            self.rejected(server, "DATA", withdrawn, failure, queue_id=envelope.queue_id)
             return failure.smtp_reply
         return f"250 2.0.0 Ok: queued as {envelope.queue_id}"
 

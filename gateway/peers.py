@@ -30,6 +30,8 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import ipaddress
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -44,9 +46,9 @@ from gateway.envelope import Recipient
 from gateway.errors import GatewayError, PermanentFailure, Reason, TemporaryFailure
 from gateway.revocation import (
     CertificateProblem,
-    build_path,
+    PathCache,
+    RevocationIndex,
     check_revocation,
-    complete_chain,
     validity_problem,
 )
 from gateway.whitelist import normalise_domain
@@ -126,15 +128,11 @@ def _ca_key_usage(policy: verification.Policy, certificate: x509.Certificate,
         raise ValueError("CA key usage does not allow certificate signing")
 
 
-def verify_certificate(
-    certificate: x509.Certificate, trust: PeerTrust, *, role: str = "client"
-) -> list[x509.Certificate]:
-    """The chain of a TLS peer's certificate (leaf first, up to the root when the anchors
-    have it), or CertificateProblem. `role` is "client" (a peer sending to us) or "server"
-    (a next hop); the extended key usage, when present, must allow that role."""
-    problem = validity_problem(certificate, trust.now, "now")
-    if problem:
-        raise CertificateProblem(Reason.EXPIRED, problem)
+@functools.lru_cache(maxsize=8)
+def _paths(anchors: tuple[x509.Certificate, ...], role: str) -> PathCache:
+    """Path building for one configuration's anchors, remembered between handshakes (see
+    `PathCache`: validity is still judged at every check). A reload brings new anchors, hence
+    a new cache; the few kept are the latest configurations'."""
     ca_policy = (
         verification.ExtensionPolicy.permit_all()
         .require_present(x509.BasicConstraints, _AGNOSTIC, None)
@@ -145,10 +143,42 @@ def verify_certificate(
     )
     # Python's ssl module does not hand over the intermediates the peer sent, so paths are
     # built through the anchors, which hold IGC-Santé's intermediate CAs.
-    chain = build_path(certificate, anchors=trust.anchors, intermediates=trust.anchors,
-                       at=trust.now, label="now", ca_policy=ca_policy, ee_policy=ee_policy)
-    chain = complete_chain(chain, trust.anchors)
-    check_revocation(chain, trust.crls, trust.now)
+    return PathCache(anchors, anchors, ca_policy=ca_policy, ee_policy=ee_policy)
+
+
+_INDEXES: OrderedDict[tuple[int, ...], RevocationIndex] = OrderedDict()
+_INDEXES_LOCK = threading.Lock()
+
+
+def _revocations(crls: tuple[x509.CertificateRevocationList, ...]) -> RevocationIndex:
+    """The configured CRLs read once (an IGC-Santé CRL lists tens of thousands of serials),
+    for the latest few configurations. CRL objects are not hashable: they are told apart by
+    identity, which stays unique while the index holds them."""
+    key = tuple(id(crl) for crl in crls)
+    with _INDEXES_LOCK:
+        index = _INDEXES.get(key)
+        if index is None:
+            index = _INDEXES[key] = RevocationIndex(crls)
+            while len(_INDEXES) > 8:
+                _INDEXES.popitem(last=False)
+        _INDEXES.move_to_end(key)
+        return index
+
+
+def verify_certificate(
+    certificate: x509.Certificate, trust: PeerTrust, *, role: str = "client"
+) -> list[x509.Certificate]:
+    """The chain of a TLS peer's certificate (leaf first, up to the root when the anchors
+    have it), or CertificateProblem. `role` is "client" (a peer sending to us) or "server"
+    (a next hop); the extended key usage, when present, must allow that role."""
+    problem = validity_problem(certificate, trust.now, "now")
+    if problem:
+        raise CertificateProblem(Reason.EXPIRED, problem)
+    paths = _paths(tuple(trust.anchors), role)
+    chain = paths.build_path(certificate, carried=(), at=trust.now, label="now")
+    chain = paths.complete_chain(chain)
+    crls = tuple(trust.crls)
+    check_revocation(chain, crls, trust.now, _revocations(crls))
     return chain
 
 

@@ -11,39 +11,56 @@ Layout (Postfix's queue, whose folders mean something)::
     <root>/deferred/   messages waiting for a retry
     <root>/hold/       messages an operator put on hold (`gateway queue hold`)
     <root>/corrupt/    unreadable messages, with a `<id>.why` note; never deleted automatically
-    <root>/state/      each message's delivery state, `<id>.state`
+    <root>/state/      a message's delivery state, `<id>.state`, once an attempt changed it
 
 A message is one write-once queue file `<id>` (envelope + message bytes) in exactly one of
 active/, deferred/, hold/ or corrupt/: moving a message is one rename(2), atomic even across a
 crash, so it is always in one place whatever the server and the operator's tools do at once.
-Its mutable part, the per-recipient `DeliveryState`, is rewritten atomically (write a temporary
-file in incoming/, fsync, rename over `state/<id>.state`, fsync state/). It lives in a folder of
-its own rather than beside the queue file because a move would otherwise take two renames, and
-a state rewrite racing an operator's `hold` could land in the folder the message just left.
+Its mutable part, the per-recipient `DeliveryState`, starts as `DeliveryState.initial(envelope)`
+(every recipient pending, no attempt yet), which needs no file: it is rebuilt from the envelope
+wherever a state file is missing (`read_state`, `recover`, `entries`). A state file is written
+only when an attempt changes the state, atomically (write a temporary file in incoming/, fsync,
+rename over `state/<id>.state`, fsync state/). It lives in a folder of its own rather than
+beside the queue file because a move would otherwise take two renames, and a state rewrite
+racing an operator's `hold` could land in the folder the message just left.
 
 Enqueue, and why it is safe (POSIX: rename(2) is atomic; a new directory entry is durable only
 once the directory itself is fsync'ed, as Linux ext4/XFS document and Postfix assumes):
 
-1. write incoming/<id> and incoming/<id>.state (O_EXCL, 0600), fsync both;
-2. rename the state into state/, then the queue file into active/;
-3. fsync active/; only now does `enqueue` return, and the caller answers 250.
-
-If the 250 cannot be sent after all (a later step of the accept stage failed), `withdraw`
-takes the message back out, durably, before the peer gets its 4xx.
+1. write incoming/<id> (O_EXCL, 0600) with one writev(2), fsync it;
+2. rename it into active/;
+3. fsync active/; only now may the caller answer 250.
 
 A crash before 3 leaves either a file in incoming/ (deleted at start: the message never got a
-250) or a queue file in active/ whose peer may send it again (at worst a duplicate, never a
-loss). state/ is not fsync'ed at enqueue: if the initial state's rename is lost, recovery
-rebuilds exactly that initial state from the envelope.
+250) or a complete queue file in active/ (its bytes were fsync'ed before the rename) whose peer
+may send it again: at worst a duplicate, never a loss, and never a torn file in active/. With no
+state file, recovery starts from the initial state, which is exactly the state of a message
+that no attempt has touched. The three steps run in one worker thread, one hop off the event
+loop per message (the accept stage writes the `received` audit record and starts its fsync
+meanwhile). If the 250 cannot be sent after all, `withdraw` takes the message back out,
+durably, before the peer gets its 4xx.
 
-Group commit: the directory fsync is shared. Each enqueue takes a ticket once its rename is
-done; one fsync of active/ at a time runs, and it releases every ticket taken before it started
-(those renames were complete, so the fsync covers them). Enqueues that arrive while it runs wait
-for the next one, which covers them all. File fsyncs are not serialised: each runs in its own
-worker thread so the filesystem journal can commit many in one transaction. `stats.dir_fsyncs`
-counts directory fsyncs (all of them: state rewrites and removals fsync theirs too),
-`stats.published` renames into active/, `stats.enqueued` messages made durable; during a burst of
-enqueues, published / dir_fsyncs is the mean group size.
+Group commit: directory fsyncs are shared. Each change (a rename into active/ at enqueue, the
+unlink of a finished message, a state rename) takes a ticket once it is done; one fsync of a
+folder runs at a time, and it releases every ticket taken before it started (those changes
+were complete, so the fsync covers them); changes made while it runs wait for the next one,
+which covers them all. An fsync that fails fails every change it was to cover (each enqueue of
+the group answers 451), rather than letting a later fsync vouch for them. Enqueues, `finish`
+and state rewrites all run in worker threads and share it among them (a waiting enqueue holds
+its worker until then: `workers` bounds how many enqueues are in flight at once). File fsyncs
+are not serialised: each runs in its own worker thread, so the filesystem journal can commit
+many in one transaction. So a message costs one file fsync and a share of one fsync of active/
+before its 250, and a share of one fsync of its folder when it leaves.
+`stats.file_fsyncs` and `stats.dir_fsyncs` count every fsync the spool makes, `stats.published`
+renames into active/, `stats.enqueued` messages made durable, `stats.removed` messages removed
+by `finish` or `withdraw`; during a burst, (published + removed) / dir_fsyncs is about the mean
+group size.
+
+Removal (`finish`, `withdraw`): unlink the queue file, fsync its folder (shared), then unlink
+the state file, if any, without an fsync of state/. A crash before the folder's fsync may bring
+the queue file back, and the message is delivered again: a duplicate, never a loss. A crash
+after it may bring back only the state file, an orphan that recovery removes; the state file
+never goes first, so a surviving queue file never loses its state.
 
 File format (the queue file and the state file alike)::
 
@@ -178,6 +195,7 @@ class SpoolStats:
     file_fsyncs: int = 0
     dir_fsyncs: int = 0
     quarantined: int = 0
+    removed: int = 0  # queue files removed by `finish` or `withdraw`
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, counter: str, amount: int = 1) -> None:
@@ -338,7 +356,7 @@ def _write_all(fd: int, pieces: Sequence[bytes]) -> None:
                 written = 0
 
 
-def _unlink(path: Path) -> bool:
+def _unlink(path: str | Path) -> bool:
     try:
         os.unlink(path)
         return True
@@ -357,36 +375,54 @@ def _micros_to_id(micros: int) -> str:
 # -- group commit --------------------------------------------------------------------------------
 
 
-class _GroupSync:
-    """Shares one directory fsync among every enqueue whose rename finished before it began."""
+class _FolderSync:
+    """Shares one fsync of a folder among the threads that changed it (thread-safe, blocking).
 
-    def __init__(self, run: Callable[[], asyncio.Future[None]]) -> None:
-        self._run = run
-        self._arrivals = 0  # tickets handed out: renames known to be complete
-        self._durable = 0  # every ticket up to this one is covered by a finished fsync
-        self._flush: asyncio.Future[tuple[int, OSError | None]] | None = None
+    A caller calls `sync` once its change (rename, unlink) is complete. One fsync runs at a
+    time, in rounds: the first round to start after a change covers it, so a caller waits for
+    that round (running it itself when none is running) and gets its outcome. A failed fsync
+    fails every caller of its round, as if each had run it: none is told its change is durable
+    on the strength of a later fsync."""
 
-    async def sync(self) -> None:
-        self._arrivals += 1
-        ticket = self._arrivals
-        while self._durable < ticket:
-            if self._flush is None:
-                self._flush = asyncio.ensure_future(self._one_fsync())
-            # shield: a session that goes away must not cancel the fsync others wait for.
-            covered, error = await asyncio.shield(self._flush)
-            if covered >= ticket and error is not None:
-                raise error
+    def __init__(self, fsync: Callable[[], None]) -> None:
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._finished_round = threading.Condition(self._lock)
+        self._started = 0  # rounds started; one at a time, so all but the last have finished
+        self._finished = 0
+        self._waiting: dict[int, int] = {}  # round -> callers that have not read its outcome
+        self._outcomes: dict[int, Exception | None] = {}
 
-    async def _one_fsync(self) -> tuple[int, OSError | None]:
-        covered = self._arrivals  # read before the fsync starts: these renames are complete
+    def sync(self) -> None:
+        with self._lock:
+            round_ = self._started + 1  # the next round to start covers this caller's change
+            self._waiting[round_] = self._waiting.get(round_, 0) + 1
+            # Wait while a round runs: ours (started by another caller), or the one before it.
+            while self._finished < round_ and self._started > self._finished:
+                self._finished_round.wait()
+            if self._finished >= round_:
+                self._outcome(round_)
+                return
+            self._started = round_  # none running and ours not started: run it
+        error: Exception | None = None
         try:
-            await self._run()
-            self._durable = max(self._durable, covered)
-            return covered, None
-        except OSError as error:
-            return covered, error
-        finally:
-            self._flush = None
+            self._fsync()
+        except Exception as raised:
+            error = raised
+        with self._lock:
+            self._finished = round_
+            self._outcomes[round_] = error
+            self._finished_round.notify_all()
+            self._outcome(round_)
+
+    def _outcome(self, round_: int) -> None:
+        """Called with the lock held: read a finished round's outcome, raise its error."""
+        error = self._outcomes[round_]
+        self._waiting[round_] -= 1
+        if not self._waiting[round_]:
+            del self._waiting[round_], self._outcomes[round_]
+        if error is not None:
+            raise error
 
 
 # -- the spool -----------------------------------------------------------------------------------
@@ -409,8 +445,18 @@ class Spool:
         self._clock = clock
         self._workers = workers
         self._executor: ThreadPoolExecutor | None = None
-        self._active_sync = _GroupSync(functools.partial(self._in_thread, self._fsync_dir,
-                                                         self.root / "active"))
+        # Plain strings for the hot path: a pathlib join costs more than the syscall it names.
+        self._folders = {name: os.path.join(self.root, name)
+                         for name in (INCOMING, *LOCATIONS, STATE)}
+        self._syncs = {name: _FolderSync(functools.partial(self._fsync_dir, self._folders[name]))
+                       for name in (*LOCATIONS, STATE)}
+
+    def _path(self, folder: str, name: str) -> str:
+        return f"{self._folders[folder]}/{name}"
+
+    def _fault(self, operation: Operation, path: str) -> None:
+        if self._faults.hook is not None:
+            self._faults.hook(operation, Path(path))
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -434,103 +480,98 @@ class Spool:
         with _id_lock:
             _last_micros = max(time.time_ns() // 1000, _last_micros + 1)
             micros = _last_micros
-        suffix = "".join(_ALPHABET[secrets.randbelow(32)] for _ in range(6))
+        bits = int.from_bytes(os.urandom(4), "big")
+        suffix = "".join(_ALPHABET[(bits >> shift) & 31] for shift in (25, 20, 15, 10, 5, 0))
         return _micros_to_id(micros) + suffix
 
     # -- enqueue (the hot path) ----------------------------------------------------------------
 
     async def enqueue(self, envelope: Envelope, message: bytes) -> None:
-        """Make the message durable; when this returns, a 250 may be sent."""
+        """Make the message durable; when this returns, a 250 may be sent.
+
+        One worker thread does it all (steps 1 to 3), so a message costs one hop off the event
+        loop; concurrent enqueues share the fsync of active/. Storage failures raise
+        TemporaryFailure (451 4.3.0) and leave nothing behind."""
         queue_id = envelope.queue_id
         if not _QUEUE_ID.fullmatch(queue_id):
             raise ValueError(f"invalid queue id {queue_id!r}")
-        work = asyncio.ensure_future(self._enqueue(envelope, message))
+        work = self._in_thread(self._enqueue, envelope, message)
         try:
             await asyncio.shield(work)
         except asyncio.CancelledError:
-            # The session went away: no 250 will be sent. Let the writing threads finish, then
+            # The session went away: no 250 will be sent. Let the writing thread finish, then
             # remove the message, or it would sit unscheduled until the next restart.
             work.add_done_callback(functools.partial(self._abandoned, queue_id))
             raise
-
-    async def _enqueue(self, envelope: Envelope, message: bytes) -> None:
-        queue_id = envelope.queue_id
-        created: list[Path] = []  # what to remove if this fails; grows as files appear
-        incoming = self.root / INCOMING
-        try:
-            results = await asyncio.gather(
-                self._in_thread(self._write_queue_file, incoming / queue_id, envelope, message,
-                                created),
-                self._in_thread(self._write_file, incoming / f"{queue_id}.state",
-                                self._state_pieces(queue_id, DeliveryState.initial(envelope)),
-                                created),
-                return_exceptions=True,
-            )
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
-            await self._in_thread(self._publish, queue_id, created)
-            self.stats.add("published")
-            await self._active_sync.sync()
         except OSError as exc:
-            self.stats.add("enqueue_failures")
-            await self._in_thread(self._remove, created)
             raise TemporaryFailure(
                 "Requested action aborted: local storage problem, try again later",
                 enhanced="4.3.0", smtp_code=451, reason=Reason.SPOOL_UNAVAILABLE,
                 detail=str(exc),
             ) from exc
+
+    def _enqueue(self, envelope: Envelope, message: bytes) -> None:
+        """Steps 1 to 3 (in a worker thread); nothing is left behind on failure."""
+        queue_id = envelope.queue_id
+        try:
+            header = self._codec.header(QUEUE_MAGIC)
+            aad = functools.partial(self._codec.aad, header, queue_id=queue_id)
+            pieces = [header, *self._codec.seal(envelope.to_json(), aad("envelope")),
+                      *self._codec.seal(message, aad("message"))]
+            incoming = self._path(INCOMING, queue_id)
+            self._write_file(incoming, pieces)
+            target = self._path("active", queue_id)
+            try:
+                # Ids are unique by construction; this check keeps a collision from replacing
+                # another message (rename(2) would overwrite it silently).
+                if any(os.path.lexists(self._path(where, queue_id)) for where in LOCATIONS):
+                    raise OSError(errno.EEXIST, "queue id already in the spool", queue_id)
+                self._fault("rename", target)
+                os.rename(incoming, target)
+            except BaseException:
+                self._remove([incoming])
+                raise
+            self.stats.add("published")
+            try:
+                self._syncs["active"].sync()
+            except BaseException:
+                # Not durable either way: the disk is failing (at worst a duplicate of the
+                # peer's retry, if this removal is lost and the file comes back).
+                self._remove([target])
+                raise
         except BaseException:
-            self._remove(created)
+            self.stats.add("enqueue_failures")
             raise
         self.stats.add("enqueued")
-
-    def _write_queue_file(
-        self, path: Path, envelope: Envelope, message: bytes, created: list[Path]
-    ) -> None:
-        header = self._codec.header(QUEUE_MAGIC)
-        aad = functools.partial(self._codec.aad, header, queue_id=envelope.queue_id)
-        pieces = [header, *self._codec.seal(envelope.to_json(), aad("envelope")),
-                  *self._codec.seal(message, aad("message"))]
-        self._write_file(path, pieces, created)
 
     def _state_pieces(self, queue_id: str, state: DeliveryState) -> list[bytes]:
         header = self._codec.header(STATE_MAGIC)
         return [header, *self._codec.seal(state.to_json(),
                                           self._codec.aad(header, "state", queue_id))]
 
-    def _write_file(self, path: Path, pieces: Sequence[bytes], created: list[Path]) -> None:
+    def _write_file(self, path: str, pieces: Sequence[bytes]) -> None:
+        """Create `path` (it must not exist), write `pieces` with one writev and fsync it; on
+        failure the file is removed again."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        created.append(path)
         try:
-            self._faults("write", path)
-            _write_all(fd, pieces)
-            self._faults("fsync", path)
-            os.fsync(fd)
-            self.stats.add("file_fsyncs")
-        finally:
-            os.close(fd)
-
-    def _publish(self, queue_id: str, created: list[Path]) -> None:
-        # Ids are unique by construction; this check keeps a collision from replacing another
-        # message (rename(2) would overwrite it silently).
-        if self.locate(queue_id) is not None:
-            raise OSError(errno.EEXIST, "queue id already in the spool", queue_id)
-        # The state first: once the queue file is visible, its state is already in state/.
-        for source, target in (
-            (self.root / INCOMING / f"{queue_id}.state", self.root / STATE / f"{queue_id}.state"),
-            (self.root / INCOMING / queue_id, self.root / "active" / queue_id),
-        ):
-            self._faults("rename", target)
-            os.rename(source, target)
-            created[created.index(source)] = target
+            try:
+                self._fault("write", path)
+                _write_all(fd, pieces)
+                self._fault("fsync", path)
+                os.fsync(fd)
+                self.stats.add("file_fsyncs")
+            finally:
+                os.close(fd)
+        except BaseException:
+            self._remove([path])
+            raise
 
     def _abandoned(self, queue_id: str, work: asyncio.Future[None]) -> None:
         if not work.cancelled() and work.exception() is None:
-            self._remove([self.root / "active" / queue_id, self.root / STATE / f"{queue_id}.state"])
+            self._remove([self._path("active", queue_id)])
 
     @staticmethod
-    def _remove(paths: Iterable[Path]) -> None:
+    def _remove(paths: Iterable[str | Path]) -> None:
         for path in paths:
             try:
                 _unlink(path)
@@ -544,8 +585,8 @@ class Spool:
             self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="spool")
         return asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
-    def _fsync_dir(self, path: Path) -> None:
-        self._faults("fsync_dir", path)
+    def _fsync_dir(self, path: str | Path) -> None:
+        self._fault("fsync_dir", os.fspath(path))
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
@@ -562,7 +603,7 @@ class Spool:
         # Two passes: a message moved between folders while we looked is found on the second.
         for _ in range(2):
             for location in LOCATIONS:
-                if os.path.lexists(self.root / location / queue_id):
+                if os.path.lexists(self._path(location, queue_id)):
                     return location
         return None
 
@@ -572,6 +613,19 @@ class Spool:
         assert message is not None
         return envelope, message
 
+    def load_with_state(self, queue_id: str) -> tuple[Envelope, bytes, DeliveryState]:
+        """`load` and `read_state` at once, reading the queue file once (one worker-thread hop
+        for the caller instead of two); the same errors as they raise."""
+        _location, envelope, message = self._open_queue_file(queue_id, with_message=True)
+        assert message is not None
+        try:
+            state = self._read_state_file(queue_id)
+        except FileNotFoundError:
+            state = DeliveryState.initial(envelope)  # no attempt has changed it yet
+        except _Unreadable as exc:
+            raise CorruptQueueFile(queue_id, f"state file: {exc}") from None
+        return envelope, message, state
+
     def read_state(self, queue_id: str) -> DeliveryState:
         try:
             return self._read_state_file(queue_id)
@@ -579,7 +633,7 @@ class Spool:
             pass
         except _Unreadable as exc:
             raise CorruptQueueFile(queue_id, f"state file: {exc}") from None
-        # No state file: the initial state's rename did not survive a crash.
+        # No state file: no attempt has changed the initial state yet.
         _location, envelope, _ = self._open_queue_file(queue_id, with_message=False)
         return DeliveryState.initial(envelope)
 
@@ -594,7 +648,7 @@ class Spool:
                 raise CorruptQueueFile(queue_id, "the message was moved to corrupt/")
             try:
                 envelope, message = self._read_queue_file(
-                    self.root / location / queue_id, queue_id, with_message
+                    self._path(location, queue_id), queue_id, with_message
                 )
             except FileNotFoundError:
                 continue  # moved by the server or an operator while we looked: look again
@@ -604,7 +658,7 @@ class Spool:
         raise NoSuchMessage(f"no message {queue_id} in the spool")
 
     def _read_queue_file(
-        self, path: Path, queue_id: str, with_message: bool
+        self, path: str | Path, queue_id: str, with_message: bool
     ) -> tuple[Envelope, bytes | None]:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -625,7 +679,7 @@ class Spool:
         return envelope, message
 
     def _read_state_file(self, queue_id: str) -> DeliveryState:
-        with open(self.root / STATE / f"{queue_id}.state", "rb") as f:
+        with open(self._path(STATE, f"{queue_id}.state"), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             header = self._codec.check_header(f.read(_HEADER.size), STATE_MAGIC)
             data = self._codec.read(f, size - f.tell(), self._codec.aad(header, "state", queue_id),
@@ -734,7 +788,7 @@ class Spool:
         self._replace_state(queue_id, state)
         if self.locate(queue_id) in (None, "corrupt"):
             # Deleted or quarantined while we wrote: leave no state file without its message.
-            _unlink(self.root / STATE / f"{queue_id}.state")
+            _unlink(self._path(STATE, f"{queue_id}.state"))
             return None
         if location in ("active", "deferred") and not state.done:
             target = self._filing(state)
@@ -744,7 +798,7 @@ class Spool:
                 # between active/ and deferred/ lost in a crash leaves the message in the other
                 # one, which recovery scans too.
                 try:
-                    os.rename(self.root / location / queue_id, self.root / target / queue_id)
+                    os.rename(self._path(location, queue_id), self._path(target, queue_id))
                     location = target
                 except FileNotFoundError:
                     return self.locate(queue_id)
@@ -758,21 +812,21 @@ class Spool:
         return "deferred"
 
     def _replace_state(self, queue_id: str, state: DeliveryState) -> None:
-        temporary = self.root / INCOMING / f"{queue_id}.state.{secrets.token_hex(4)}.tmp"
-        created: list[Path] = []
+        temporary = self._path(INCOMING, f"{queue_id}.state.{secrets.token_hex(4)}.tmp")
+        self._write_file(temporary, self._state_pieces(queue_id, state))
         try:
-            self._write_file(temporary, self._state_pieces(queue_id, state), created)
-            self._faults("rename", temporary)
-            os.rename(temporary, self.root / STATE / f"{queue_id}.state")
+            self._fault("rename", temporary)
+            os.rename(temporary, self._path(STATE, f"{queue_id}.state"))
         except BaseException:
-            self._remove(created)
+            self._remove([temporary])
             raise
-        self._fsync_dir(self.root / STATE)
+        self._syncs[STATE].sync()
 
     def finish(self, queue_id: str) -> None:
         """Every recipient is final: remove the message, durably. Idempotent, and calling it
         again after it raised completes the removal (the queue manager does so until it
-        succeeds)."""
+        succeeds). Thread-safe: concurrent calls from worker threads share the fsync of the
+        folder."""
         self._remove_message(queue_id, ("active", "deferred", "hold"))
 
     async def withdraw(self, queue_id: str) -> None:
@@ -781,8 +835,8 @@ class Spool:
         written): the peer gets a 4xx and sends it again, so this copy must never be
         delivered. The queue manager must not have been told about it (`accepted`).
 
-        Durable like `finish`: the removals are fsync'ed (the queue folder, then state/) before
-        this returns. When the disk refuses, raises TemporaryFailure (451 4.3.0) and the
+        Durable like `finish`: the removal is fsync'ed (the queue folder) before this
+        returns. When the disk refuses, raises TemporaryFailure (451 4.3.0) and the
         message may stay in active/: nothing schedules it now, the next start recovers and
         delivers it, a duplicate of the peer's retry but never a loss. Idempotent."""
         if not _QUEUE_ID.fullmatch(queue_id):
@@ -799,18 +853,20 @@ class Spool:
             ) from exc
 
     def _remove_message(self, queue_id: str, where: tuple[Location, ...]) -> None:
-        # The queue file first: a crash before the state file goes leaves an orphan that
-        # recovery removes, never a message without its state (which would be sent again).
         removed = self._unlink_queue_file(queue_id, where)
-        state = self.root / STATE / f"{queue_id}.state"
-        self._faults("unlink", state)
-        _unlink(state)
         # Durable removal: otherwise a crash could deliver the message a second time. Nothing
         # found: an earlier call may have removed it and failed before its fsync, so those
         # folders are fsync'ed anyway.
         for location in (removed,) if removed is not None else where:
-            self._fsync_dir(self.root / location)
-        self._fsync_dir(self.root / STATE)
+            self._syncs[location].sync()
+        if removed is not None:
+            self.stats.add("removed")
+        # The state file last, and without an fsync of state/: a crash can bring back only an
+        # orphan, which recovery removes, never a queue file without its state (which would
+        # be sent again to recipients already done).
+        state = self._path(STATE, f"{queue_id}.state")
+        self._fault("unlink", state)
+        _unlink(state)
 
     def quarantine(self, queue_id: str, why: str) -> None:
         """Move an unreadable message to corrupt/ with a `.why` note; it is never deleted
@@ -892,8 +948,8 @@ class Spool:
             return None
         for _ in range(2):
             for location in where:
-                path = self.root / location / queue_id
-                self._faults("unlink", path)
+                path = self._path(location, queue_id)
+                self._fault("unlink", path)
                 if _unlink(path):
                     return location
         return None

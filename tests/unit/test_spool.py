@@ -28,7 +28,6 @@ OTHER_KEY = bytes(range(1, 33))
 T0 = 1_795_000_000.0
 SENDER = "dr.martin@clinique-test.fr"
 SECRET = b"Patient DUPONT Jeanne nee le 12/03/1953, HbA1c 9.1%"
-STATE_FOLDER = "state"
 
 
 def make_spool(root: Path, key: bytes | None = None, **kwargs: object) -> Spool:
@@ -131,7 +130,8 @@ async def test_incoming_leftovers_are_deleted_at_recovery(tmp_path: Path) -> Non
 async def test_missing_state_file_means_the_initial_state(tmp_path: Path) -> None:
     spool = make_spool(tmp_path)
     envelope, _ = await put(spool, "b@chu-test.fr", "c@chu-test.fr")
-    (tmp_path / "state" / f"{envelope.queue_id}.state").unlink()
+    # Enqueue writes no state file: until an attempt changes it, the state is the initial one.
+    assert not (tmp_path / "state" / f"{envelope.queue_id}.state").exists()
     [entry] = Spool(tmp_path).recover()
     assert entry.state == DeliveryState.initial(envelope)
     assert spool.read_state(envelope.queue_id) == DeliveryState.initial(envelope)
@@ -140,7 +140,10 @@ async def test_missing_state_file_means_the_initial_state(tmp_path: Path) -> Non
 async def test_orphan_state_files_are_removed_at_recovery(tmp_path: Path) -> None:
     spool = make_spool(tmp_path)
     envelope, _ = await put(spool)
+    spool.write_state(envelope.queue_id, DeliveryState.initial(envelope).update(
+        "b@chu-test.fr", attempts=1))
     (tmp_path / "active" / envelope.queue_id).unlink()  # a crash between the two unlinks
+    assert (tmp_path / "state" / f"{envelope.queue_id}.state").exists()
     assert Spool(tmp_path).recover() == []
     assert files(tmp_path) == []
 
@@ -164,7 +167,7 @@ async def test_encrypted_spool_holds_no_plaintext(tmp_path: Path) -> None:
     plain = b"".join(p.read_bytes() for p in files(tmp_path / "plain"))
     assert all(needle in plain for needle in needles)  # the search itself works
     encrypted = files(tmp_path / "encrypted")
-    assert len(encrypted) == 4
+    assert len(encrypted) == 3  # two queue files, and the state that an attempt changed
     for path in encrypted:
         content = path.read_bytes()
         assert content[:4] in (b"PSQF", b"PSST")
@@ -199,6 +202,8 @@ async def test_swapped_files_fail_authentication(tmp_path: Path) -> None:
     first, _ = await put(spool)
     second, _ = await put(spool)
     third, _ = await put(spool)
+    spool.write_state(first.queue_id, DeliveryState.initial(first).update(
+        "b@chu-test.fr", attempts=1))
     active, state = tmp_path / "active", tmp_path / "state"
     # An attacker with write access replays one message under another's name, and one state.
     os.replace(active / first.queue_id, active / second.queue_id)
@@ -241,7 +246,7 @@ async def test_truncated_and_garbage_files_go_to_corrupt(tmp_path: Path, key: by
     assert listed[garbage.queue_id].envelope is None
     # A second start leaves corrupt/ alone.
     assert [e.queue_id for e in Spool(tmp_path, key).recover()] == [good.queue_id]
-    assert len(list(corrupt.iterdir())) == 12  # four queue files, their states and notes
+    assert len(list(corrupt.iterdir())) == 9  # four queue files, their notes, the bad state
 
 
 @pytest.mark.parametrize("key", [None, KEY], ids=["plain", "encrypted"])
@@ -295,9 +300,9 @@ async def test_storage_failure_gives_451_and_leaves_nothing(
     assert (spool.stats.enqueued, spool.stats.enqueue_failures) == (0, 1)
 
 
-async def test_failure_between_the_two_renames_leaves_nothing(tmp_path: Path) -> None:
+async def test_failure_of_the_rename_into_active_leaves_nothing(tmp_path: Path) -> None:
     def hook(operation: Operation, path: Path) -> None:
-        if operation == "rename" and path.parent.name == "active":  # the state is already moved
+        if operation == "rename" and path.parent.name == "active":  # the file is complete
             raise OSError(errno.EIO, "I/O error", str(path))
 
     spool = make_spool(tmp_path, faults=SpoolFaults(hook))
@@ -359,7 +364,9 @@ async def test_concurrent_enqueues_share_directory_fsyncs(tmp_path: Path) -> Non
                 threading.Event().wait(0.01)
 
     make_spool(tmp_path)
-    spool = Spool(tmp_path, faults=SpoolFaults(hook))
+    # An enqueue holds its worker thread until an fsync covers it: as many workers as
+    # enqueues, so that all of them are in flight together.
+    spool = Spool(tmp_path, faults=SpoolFaults(hook), workers=count)
     sent = await asyncio.gather(*(put(spool, size=10 * 1024) for _ in range(count)))
     fsyncs = spool.stats.dir_fsyncs
     assert spool.stats.enqueued == count
@@ -384,7 +391,7 @@ async def test_file_fsyncs_run_concurrently(tmp_path: Path) -> None:
                 inside[0] -= 1
 
     spool = make_spool(tmp_path, faults=SpoolFaults(hook))
-    await asyncio.gather(*(put(spool) for _ in range(4)))  # 4 queue files + 4 state files
+    await asyncio.gather(*(put(spool) for _ in range(8)))  # 8 queue files, no state file
     assert peak[0] == 8
 
 
@@ -485,6 +492,8 @@ async def test_quarantine_and_delete_from_corrupt(tmp_path: Path) -> None:
 async def test_entries_tolerate_files_changing_underneath(tmp_path: Path) -> None:
     spool = make_spool(tmp_path)
     sent = [(await put(spool))[0] for _ in range(6)]
+    spool.write_state(sent[4].queue_id, DeliveryState.initial(sent[4]).update(
+        "b@chu-test.fr", attempts=1))
     listing = spool.entries()
     first = next(listing)
     spool.delete(sent[1].queue_id)
@@ -553,10 +562,11 @@ async def test_withdraw_removes_a_just_enqueued_message_durably(tmp_path: Path) 
     synced.clear()
     await spool.withdraw(envelope.queue_id)
     assert spool.locate(envelope.queue_id) is None
-    assert synced == ["active", STATE_FOLDER]  # both removals fsync'ed before it returns
+    # The removal is fsync'ed before it returns; state/ need not be (an orphan state file is
+    # removed at recovery), and this message never had one.
+    assert synced == ["active"]
     assert [e.queue_id for e in Spool(tmp_path).recover()] == [kept.queue_id]
-    assert sorted(p.name for p in files(tmp_path)) == sorted(
-        [kept.queue_id, f"{kept.queue_id}.state"])
+    assert [p.name for p in files(tmp_path)] == [kept.queue_id]
     await spool.withdraw(envelope.queue_id)  # idempotent
     with pytest.raises(ValueError):
         await spool.withdraw("../active")
@@ -586,7 +596,7 @@ async def test_withdraw_on_a_failing_disk_raises_451_and_completes_when_called_a
     await spool.withdraw(envelope.queue_id)
     # The file was already unlinked: the second call still fsyncs every folder it could have
     # been removed from, so the removal is durable once it returns.
-    assert synced == ["active", "deferred", "hold", STATE_FOLDER]
+    assert synced == ["active", "deferred", "hold"]
     assert files(tmp_path) == []
 
 
