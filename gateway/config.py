@@ -123,6 +123,16 @@ class RetrySettings:
 
 
 @dataclass(frozen=True)
+class WorkerSettings:
+    """Where unwrap and wrap run (gateway/workers.py): `auto` puts S/MIME, OpenPGP and
+    Apicrypt work in worker processes and plain MIME in threads; `count` worker processes,
+    None for the default (one per core, one left to the event loop above two cores)."""
+
+    kind: Literal["auto", "process", "thread"] = "auto"
+    count: int | None = None
+
+
+@dataclass(frozen=True)
 class GatewaySettings:
     hostname: str
     listen: tuple[Listener, ...]
@@ -132,6 +142,7 @@ class GatewaySettings:
     metrics: MetricsSettings | None
     max_message_size: int = 25 * 1024 * 1024
     retry: RetrySettings = field(default_factory=RetrySettings)
+    workers: WorkerSettings = field(default_factory=WorkerSettings)
 
 
 @dataclass(frozen=True)
@@ -563,8 +574,10 @@ class _Reader:
 # -- the sections -----------------------------------------------------------------------------
 
 _TOP = ("version", "gateway", "trust", "keys", "directory", "networks", "routes")
-_GATEWAY = ("hostname", "listen", "tls", "spool", "audit", "metrics", "max_message_size", "retry")
+_GATEWAY = ("hostname", "listen", "tls", "spool", "audit", "metrics", "max_message_size", "retry",
+            "workers")
 _NETWORK = ("name", "adapter", "domains", "peers", "relay", "identity", "require", "limits")
+_WORKER_KINDS: tuple[Literal["auto", "process", "thread"], ...] = ("auto", "process", "thread")
 # Paths among the Apicrypt options; adapters read no files, so they get them resolved.
 _PATH_OPTIONS = ("key_directory",)
 _PATH_MAP_OPTIONS = ("programs",)
@@ -669,7 +682,19 @@ def _gateway(r: _Reader, node: yaml.Node | None, root: yaml.Node) -> GatewaySett
             give_up = r.duration(retry_keys["give_up_after"],
                                  "gateway.retry.give_up_after") or give_up
         retry = RetrySettings(schedule, give_up)
-    return GatewaySettings(hostname, tuple(listen), tls, spool, audit, metrics, max_size, retry)
+
+    workers = WorkerSettings()
+    worker_keys = r.mapping(keys.get("workers"), "gateway.workers", ("kind", "count"),
+                            example="{kind: auto, count: 2}")
+    if worker_keys is not None:
+        kind = (r.choice(worker_keys["kind"], "gateway.workers.kind", _WORKER_KINDS)
+                if "kind" in worker_keys else "auto")
+        count = (r.integer(worker_keys["count"], "gateway.workers.count", 1, 256)
+                 if "count" in worker_keys else None)
+        if kind is not None:
+            workers = WorkerSettings(kind, count)
+    return GatewaySettings(hostname, tuple(listen), tls, spool, audit, metrics, max_size, retry,
+                           workers)
 
 
 def _listener(r: _Reader, node: yaml.Node, where: str) -> Listener | None:

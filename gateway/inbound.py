@@ -85,7 +85,9 @@ _ENHANCED = {
 }
 _UNKNOWN_COMMAND = '500 Error: command "'
 
-Accepted = Callable[[Envelope], None]
+# Called with the envelope and the message bytes just spooled, so the first delivery attempt
+# need not read back what is still in memory.
+Accepted = Callable[[Envelope, bytes], None]
 
 
 def _settled(future: asyncio.Future[None]) -> None:
@@ -460,7 +462,7 @@ class Inbound:
             failure = TemporaryFailure(_LOCAL_ERROR, detail=f"{type(error).__name__}: {error}")
             self.rejected(server, "DATA", f"{len(data)} octets", failure, queue_id=queue_id)
             return failure.smtp_reply
-        return await self._commit(server, envelope, recorded)
+        return await self._commit(server, envelope, recorded, data)
 
     async def _record_received(self, envelope: Envelope) -> None:
         assert self.events is not None
@@ -490,7 +492,7 @@ class Inbound:
         )
 
     async def _commit(self, server: GatewaySMTP, envelope: Envelope,
-                      recorded: asyncio.Future[None] | None) -> str:
+                      recorded: asyncio.Future[None] | None, data: bytes) -> str:
         """The message is durable in the spool: once its `received` audit record is too,
         schedule it and give the 250.
 
@@ -503,7 +505,7 @@ class Inbound:
                 # The `received` record of a message that gets a 250 must survive a crash.
                 await recorded
                 self.events.accepted(envelope)
-            self.accepted(envelope)
+            self.accepted(envelope, data)
         except asyncio.CancelledError:
             task = asyncio.get_running_loop().create_task(self._withdraw(envelope.queue_id))
             self._withdrawals.add(task)

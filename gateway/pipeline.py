@@ -6,8 +6,9 @@
 The message is split per destination network: each network gets its own wrapping (its own
 signature, encrypted to its own recipients) and its own delivery. A failure that concerns the
 whole message (cannot decrypt, required signature missing) fails every recipient; a failure
-that concerns one recipient (no certificate) fails only that one. `prepare` runs in a worker
-thread, never on the event loop.
+that concerns one recipient (no certificate) fails only that one. `prepare` runs on a worker
+(gateway/workers.py: a thread, or a worker process for the crypto networks), never on the event
+loop.
 
 A failure is temporary when the sender can do nothing about it and the operator can: a stale
 or badly signed CRL (DESIGN.md §10 says refuse; refusing is deferring here, the message waits

@@ -23,6 +23,15 @@ attempt that fails at or after it bounces the recipient with 5.4.7 "gave up afte
 an `expired` audit record. A temporary failure found while preparing the message (a stale CRL,
 an overrun) defers like a temporary reply from the next hop.
 
+Unwrap and wrap (`pipeline.prepare`) run on the crypto workers of `gateway.workers`: a bounded
+pool of threads, and worker processes for S/MIME, OpenPGP and Apicrypt, each job under a
+watchdog. A message whose preparation overruns `prepare_timeout`, or whose worker process
+dies under it, is deferred with a reason; the pool replaces the worker.
+
+A message this process has just made durable (`remember`: the accept stage's, or a DSN queued
+here) is attempted the first time from memory, without reading back the queue file it has
+just written; within `fresh_budget` bytes, past which it is read back like any other.
+
 Operators' queue commands run in another process: they change the spool files and drop a
 file named after the queue id in `<spool>/requests/`, which this loop polls every second.
 """
@@ -37,10 +46,8 @@ import heapq
 import logging
 import os
 import secrets
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,8 +60,9 @@ from gateway.errors import GatewayError, Reason, TemporaryFailure
 from gateway.pipeline import Prepared, prepare
 from gateway.runtime import Runtime
 from gateway.spool import CorruptQueueFile, Spool
+from gateway.workers import NotReady, Overrun, WorkerLost, Workers
 
-__all__ = ["PERSIST_RETRY", "PREPARE_TIMEOUT", "QueueManager", "request_attention"]
+__all__ = ["FRESH_BUDGET", "PERSIST_RETRY", "PREPARE_TIMEOUT", "QueueManager", "request_attention"]
 
 log = logging.getLogger("gateway.qmgr")
 
@@ -70,6 +78,11 @@ PREPARE_TIMEOUT = 120.0
 # flood the log while it is not.
 PERSIST_RETRY = 30.0
 
+# How many bytes of freshly accepted messages to keep in memory for their first attempt, which
+# then need not read back what was just written. Past it, the first attempt reads the spool like
+# any other (a burst of large messages does not grow the process).
+FRESH_BUDGET = 64 * 1024 * 1024
+
 
 def request_attention(spool_root: Path, queue_id: str) -> None:
     """Ask a running server to look at `queue_id` now (used by `gateway queue retry|release`)."""
@@ -84,24 +97,27 @@ class QueueManager:
         spool: Spool,
         runtime: Callable[[], Runtime],
         transport: Transport,
-        executor: Executor | None = None,
+        workers: Workers | None = None,
         events: Any = None,
         concurrency: int = 20,
         clock: Callable[[], float] = time.time,
         prepare_timeout: float = PREPARE_TIMEOUT,
         persist_retry: float = PERSIST_RETRY,
+        fresh_budget: int = FRESH_BUDGET,
     ) -> None:
         self.spool = spool
         self.runtime = runtime
         self.transport = transport
-        self.executor = executor  # kept for callers; prepare runs on watched threads instead
+        # Where unwrap + wrap run (threads by default; the server adds worker processes).
+        self.workers = workers or Workers()
         self.prepare_timeout = prepare_timeout
         self.persist_retry = persist_retry
         # Outcomes the spool could not record yet (full or failing disk), by queue id.
         self.unsaved: dict[str, _Unsaved] = {}
-        # Crypto workers at once: the size of the pool the caller handed in, 4 otherwise.
-        workers = executor._max_workers if isinstance(executor, ThreadPoolExecutor) else 4
-        self.crypto_slots = asyncio.Semaphore(workers)
+        # Messages accepted by this process and not attempted yet, as the spool holds them.
+        self.fresh: dict[str, tuple[Envelope, bytes]] = {}
+        self.fresh_budget = fresh_budget
+        self._fresh_bytes = 0
         self.events = events
         self.clock = clock
         self.slots = asyncio.Semaphore(concurrency)
@@ -124,6 +140,21 @@ class QueueManager:
         self.scheduled[queue_id] = when
         heapq.heappush(self.heap, (when, queue_id))
         self.wakeup.set()
+
+    def remember(self, envelope: Envelope, raw: bytes) -> None:
+        """Keep a message just made durable in the spool for its first attempt (within
+        `fresh_budget`): the bytes are those the spool holds, so reading them back would only
+        cost a read, a decryption and a thread hop."""
+        if self._fresh_bytes + len(raw) > self.fresh_budget or envelope.queue_id in self.fresh:
+            return
+        self.fresh[envelope.queue_id] = (envelope, raw)
+        self._fresh_bytes += len(raw)
+
+    def _take_fresh(self, queue_id: str) -> tuple[Envelope, bytes] | None:
+        found = self.fresh.pop(queue_id, None)
+        if found is not None:
+            self._fresh_bytes -= len(found[1])
+        return found
 
     def recover(self) -> int:
         """Schedule everything the spool holds (at start, after a crash)."""
@@ -209,6 +240,7 @@ class QueueManager:
 
     async def attempt(self, queue_id: str) -> None:
         """Try every due recipient of one message once."""
+        fresh = self._take_fresh(queue_id)  # only ever for the first attempt
         location = self.spool.locate(queue_id)
         if location not in ("active", "deferred"):
             # Held, deleted or quarantined by an operator meanwhile (a held message keeps what
@@ -219,8 +251,13 @@ class QueueManager:
                 self.unsaved.pop(queue_id, None)
             return
         try:
-            envelope, raw = await asyncio.to_thread(self.spool.load, queue_id)
-            on_disk = await asyncio.to_thread(self.spool.read_state, queue_id)
+            if fresh is not None:
+                # Nothing but this process has written its state yet: an operator's command
+                # in between either moved the message (seen above) or asked for an attempt now.
+                envelope, raw = fresh
+                on_disk = DeliveryState.initial(envelope)
+            else:
+                envelope, raw, on_disk = await asyncio.to_thread(self._read, queue_id)
         except CorruptQueueFile as error:
             log.error("queue file %s is unreadable, moved to corrupt/: %s", queue_id, error)
             await asyncio.to_thread(self.spool.quarantine, queue_id, str(error))
@@ -264,6 +301,10 @@ class QueueManager:
         await self._record(runtime, envelope, raw, on_disk, state, due,
                            _one_per_recipient(queue_id, due, outcomes), now)
 
+    def _read(self, queue_id: str) -> tuple[Envelope, bytes, DeliveryState]:
+        envelope, raw = self.spool.load(queue_id)
+        return envelope, raw, self.spool.read_state(queue_id)
+
     def _known(self, queue_id: str, on_disk: DeliveryState) -> DeliveryState:
         """The state as this process knows it: the spool's, plus what could not be saved."""
         unsaved = self.unsaved.get(queue_id)
@@ -296,46 +337,37 @@ class QueueManager:
         self, runtime: Runtime, envelope: Envelope, raw: bytes, due: Sequence[Recipient],
         moment: dt.datetime,
     ) -> Prepared:
-        """Run `pipeline.prepare` (unwrap + wrap, CPU-bound) on a worker thread, bounded in
-        time: a message that overruns `prepare_timeout` is deferred with a reason.
-
-        Why a thread per message rather than a fixed pool: a Python thread cannot be stopped,
-        so a worker wedged by a pathological input stays busy. In a pool, every message queued
-        behind it would wait (and, with a few such inputs, the whole pool would be gone). Here
-        `crypto_slots` bounds the workers running at once, an overrun gives its slot back, and
-        the wedged thread is a daemon, so it never holds up a drain or the process exit. Each
-        overrun costs one thread for as long as that call runs; a message that overruns on
-        every attempt is retried on the schedule and bounced at `give_up_after`.
-        """
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[Prepared] = loop.create_future()
-
-        def settle(outcome: Callable[[], None]) -> None:
-            if not done.done():  # else the attempt stopped waiting (overrun or shutdown)
-                outcome()
-
-        def work() -> None:
-            try:
-                result = prepare(runtime, envelope, raw, due, moment)
-                outcome = functools.partial(done.set_result, result)
-            except BaseException as raised:  # prepare catches Exception; this is the rest
-                outcome = functools.partial(done.set_exception, raised)
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-                loop.call_soon_threadsafe(settle, outcome)
-
-        async with self.crypto_slots:
-            threading.Thread(target=work, name=f"crypto-{envelope.queue_id}", daemon=True).start()
-            try:
-                return await asyncio.wait_for(done, self.prepare_timeout)
-            except TimeoutError:
-                pass
-        log.error("%s: unwrap/wrap overran %gs; deferred", envelope.queue_id, self.prepare_timeout)
-        error = TemporaryFailure(
-            f"Processing this message took longer than {self.prepare_timeout:g} seconds; "
-            f"it will be tried again later",
-            enhanced="4.3.0", reason=Reason.INTERNAL,
-            detail=f"unwrap/wrap overran {self.prepare_timeout:g}s",
-        )
+        """Run `pipeline.prepare` (unwrap + wrap, CPU-bound) on the crypto workers, bounded in
+        time: a message that overruns `prepare_timeout` once a worker has it, or whose worker
+        process dies under it, is deferred with a reason; the workers replace that worker
+        (`gateway.workers`). A message that does so on every attempt is retried on the schedule
+        and bounced at `give_up_after`."""
+        workers = self.workers
+        try:
+            if workers.processes is not None and workers.wants_process(runtime, envelope, due):
+                with contextlib.suppress(NotReady):  # then in a thread, as below
+                    return await workers.processes.prepare(
+                        self.prepare_timeout, runtime, envelope, raw, due, moment)
+            return await workers.threads.run(
+                self.prepare_timeout, functools.partial(prepare, runtime, envelope, raw, due,
+                                                        moment))
+        except Overrun:
+            log.error("%s: unwrap/wrap overran %gs; deferred", envelope.queue_id,
+                      self.prepare_timeout)
+            error = TemporaryFailure(
+                f"Processing this message took longer than {self.prepare_timeout:g} seconds; "
+                f"it will be tried again later",
+                enhanced="4.3.0", reason=Reason.INTERNAL,
+                detail=f"unwrap/wrap overran {self.prepare_timeout:g}s",
+            )
+        except WorkerLost as lost:
+            log.error("%s: the crypto worker stopped during unwrap/wrap (%s); deferred",
+                      envelope.queue_id, lost)
+            error = TemporaryFailure(
+                "The gateway's worker processing this message stopped; it will be tried "
+                "again later",
+                enhanced="4.3.0", reason=Reason.INTERNAL, detail=f"crypto worker lost: {lost}",
+            )
         return Prepared(Verdict.unsigned(), False, (), (), {r.address: error for r in due})
 
     @staticmethod
@@ -546,6 +578,7 @@ class QueueManager:
         await self.spool.enqueue(notification, body)
         if self.events is not None:
             self.events.dsn(envelope, notification, action)
+        self.remember(notification, body)
         self.schedule(notification.queue_id)
 
 

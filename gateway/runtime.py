@@ -14,9 +14,12 @@ start: the gateway never serves without the list it was told to enforce.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
 
 from adapters.base import Identity, TrustStore, UnwrapContext, WrapContext
 from gateway import check, pki
@@ -24,7 +27,7 @@ from gateway import whitelist as mssante
 from gateway.config import Config, NetworkSettings
 from gateway.peers import Whitelist
 
-__all__ = ["ConfigurationRefused", "Runtime"]
+__all__ = ["ConfigurationRefused", "Runtime", "key_fingerprint"]
 
 log = logging.getLogger("gateway.runtime")
 
@@ -109,3 +112,36 @@ def _last_good_whitelist(report: check.CheckReport) -> mssante.MssanteWhitelist 
             "\n".join(str(p) for p in report.errors),
         )
     return kept
+
+
+def key_fingerprint(keyring: pki.KeyRing) -> str:
+    """A digest of the key material a `Runtime` holds: two loads of one configuration (the
+    gateway's and a crypto worker process's) read the same files exactly when they agree."""
+    digest = hashlib.sha256()
+
+    def add(label: str, data: bytes) -> None:
+        digest.update(label.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
+
+    for name, identity in sorted(keyring.identities.items()):
+        add("identity", name.encode())
+        for certificate in (identity.certificate, *identity.chain):
+            if certificate is not None:
+                add("certificate", certificate.public_bytes(serialization.Encoding.DER))
+        if identity.private_key is not None:
+            # The public half identifies the key pair without digesting the secret itself.
+            add("key", identity.private_key.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+        if identity.openpgp_secret is not None:
+            add("openpgp", hashlib.sha256(identity.openpgp_secret).digest())
+    for anchor in keyring.trust.anchors:
+        add("anchor", anchor.public_bytes(serialization.Encoding.DER))
+    for crl in keyring.trust.crls:
+        add("crl", crl.public_bytes(serialization.Encoding.DER))
+    for certificate in keyring.directory.x509:
+        add("directory", certificate.public_bytes(serialization.Encoding.DER))
+    for key in keyring.directory.openpgp:
+        add("directory-openpgp", key)
+    add("tls", f"{keyring.tls_certificate}|{keyring.tls_key}".encode())
+    if keyring.spool_key is not None:
+        add("spool", hashlib.sha256(keyring.spool_key).digest())
+    return digest.hexdigest()

@@ -1,4 +1,5 @@
-"""`gateway serve`: one task group owns the listeners, the queue manager and the metrics endpoint.
+"""`gateway serve`: one task group owns the listeners, the queue manager, the crypto workers and
+the metrics endpoint.
 
 SIGTERM drains: stop accepting, let SMTP sessions and deliveries in progress finish (bounded),
 keep everything else in the spool. SIGHUP reloads routing.yaml and its files, applied only if
@@ -16,7 +17,6 @@ import os
 import signal
 import ssl
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cryptography import x509
@@ -33,6 +33,7 @@ from gateway.qmgr import QueueManager
 from gateway.runtime import ConfigurationRefused, Runtime
 from gateway.spool import Spool
 from gateway.tls import server_context
+from gateway.workers import ProcessWorkers, ThreadWorkers, Workers, default_process_count
 
 __all__ = ["Gateway"]
 
@@ -43,7 +44,7 @@ class Gateway:
     """The running relay. `start()` then `wait()`; `stop()` drains."""
 
     def __init__(self, config_path: Path, *, transport: Transport | None = None,
-                 events: Events | None = None) -> None:
+                 events: Events | None = None, workers: Workers | None = None) -> None:
         self.config_path = config_path
         self._runtime = Runtime.load(config_path)
         config = self._runtime.config
@@ -53,10 +54,17 @@ class Gateway:
         self.spool = Spool(config.gateway.spool.path, key)
         self.audit = AuditTrail(config.gateway.audit.path, config.gateway.audit.retention)
         self.events = events or Events(audit=self.audit)
-        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="crypto")
+        # By default S/MIME, OpenPGP and Apicrypt work in worker processes (out of the GIL,
+        # beside the event loop), plain MIME in threads (cheaper than the copy to a process
+        # and back); gateway.workers says otherwise. Read at start: a reload keeps the pool.
+        chosen = config.gateway.workers
+        self.workers = workers or Workers(
+            ThreadWorkers(4), ProcessWorkers(chosen.count or default_process_count()),
+            kind=chosen.kind,
+        )
         self._own_transport = transport is None
         self.transport = transport or self._make_transport()
-        self.qmgr = QueueManager(self.spool, self.runtime, self.transport, self.executor,
+        self.qmgr = QueueManager(self.spool, self.runtime, self.transport, self.workers,
                                  events=self.events)
         self.inbound = Inbound(self.runtime, self.spool, self._accepted, events=self.events)
         self._tasks: list[asyncio.Task[None]] = []
@@ -67,10 +75,13 @@ class Gateway:
     def runtime(self) -> Runtime:
         return self._runtime
 
-    def _accepted(self, envelope: Envelope) -> None:
+    def _accepted(self, envelope: Envelope, message: bytes | None = None) -> None:
         # The accept stage has already written the `received` record and made it durable, in
         # that order and before anything can deliver the message, so that a failure there can
-        # still withdraw it: only the delivery is left to schedule before the 250.
+        # still withdraw it: only the delivery is left to schedule before the 250. With the
+        # message's bytes, the first attempt need not read them back from the spool.
+        if message is not None:
+            self.qmgr.remember(envelope, message)
         self.qmgr.schedule(envelope.queue_id)
 
     def _make_transport(self) -> Transport:
@@ -110,6 +121,7 @@ class Gateway:
         config = self._runtime.config
         await self.inbound.start(config.gateway.listen, self._server_tls,
                                  config.gateway.max_message_size, config.gateway.hostname)
+        self.workers.start(self._runtime)
         self._tasks.append(asyncio.create_task(self.qmgr.run()))
         self.pidfile = config.gateway.spool.path / "passerelle.pid"
         self.pidfile.write_text(f"{os.getpid()}\n")
@@ -135,6 +147,8 @@ class Gateway:
             log.error("reload failed, keeping the running configuration: %s", error)
             return False
         self._runtime = runtime
+        # Worker processes load the new configuration before its first message needs it.
+        self.workers.start(runtime)
         if self._own_transport:
             # New anchors or client certificate: new deliveries use a new transport; those in
             # progress finish on the old one, which is closed once they are done.
@@ -202,7 +216,7 @@ class Gateway:
             await close()
         if self._metrics_server is not None:
             await self._metrics_server.stop()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        await self.workers.close()
         if self.pidfile is not None:
             self.pidfile.unlink(missing_ok=True)
         self.events.lifecycle("stop")

@@ -6,12 +6,22 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from gateway.cli import main
+from gateway.config import NetworkSettings
+from gateway.delivery import Outcome
+from gateway.envelope import Envelope, Peer, Recipient
+from gateway.errors import Reason
+from gateway.qmgr import QueueManager
+from gateway.runtime import Runtime
+from gateway.server import Gateway
+from gateway.spool import Spool
 from tests.e2e.conftest import start
 from tests.support.world import World, message
 
@@ -137,3 +147,139 @@ def test_check_command_line(tmp_path: Path, world_factory: Callable[..., World])
     assert any("hopital" in line and line.startswith(f"{bad}:") for line in lines), lines
     assert any("chu-test.fr" in line for line in lines), lines
     assert "fix them and run gateway check again" in failed.stderr
+
+
+# -- the first attempt of a message this process just accepted -----------------------------------
+
+
+class Hop:
+    """A `Transport` double: 250 for every recipient but those in `bounce`."""
+
+    def __init__(self, bounce: tuple[str, ...] = ()) -> None:
+        self.bounce = bounce
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def send(self, network: NetworkSettings, sender: str,
+                   recipients: Sequence[Recipient], message: bytes, *, envid: str | None,
+                   ret: str | None) -> list[Outcome]:
+        outcomes = []
+        for recipient in recipients:
+            if recipient.address in self.bounce:
+                outcomes.append(Outcome(recipient.address, "bounced", 550, "5.1.1",
+                                        "No such user", Reason.DESTINATION_REFUSED))
+            else:
+                self.sent.append((recipient.address, message))
+                outcomes.append(Outcome(recipient.address, "delivered", 250, "2.0.0", "Ok",
+                                        None))
+        return outcomes
+
+
+@dataclass
+class Manager:
+    qm: QueueManager
+    spool: Spool
+    hop: Hop
+    reads: list[str]  # queue ids whose file the queue manager read back
+
+    async def accept(self, *addresses: str, remember: bool = True) -> Envelope:
+        sender = "a@clinique-test.fr"
+        envelope = Envelope(
+            queue_id=self.spool.new_queue_id(), sender=sender,
+            recipients=tuple(Recipient(a, "hospital") for a in addresses),
+            source_network="clinic", peer=Peer("127.0.0.1"), received_at=time.time(),
+            size=100, message_id="<m1@clinique-test.fr>",
+        )
+        raw = message(sender, addresses[0])
+        await self.spool.enqueue(envelope, raw)
+        if remember:
+            self.qm.remember(envelope, raw)
+        return envelope
+
+
+@pytest.fixture
+async def manager(tmp_path: Path, world_factory: Callable[..., World],
+                  monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Manager]:
+    world = world_factory()
+    runtime = Runtime.load(world.config)
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    reads: list[str] = []
+    load = spool.load
+
+    def counted(queue_id: str) -> tuple[Envelope, bytes]:
+        reads.append(queue_id)
+        return load(queue_id)
+
+    monkeypatch.setattr(spool, "load", counted)
+    hop = Hop(bounce=("nobody@chu-test.fr",))
+    qm = QueueManager(spool, lambda: runtime, hop, fresh_budget=64 * 1024)
+    yield Manager(qm, spool, hop, reads)
+    qm.workers.threads.close()
+    spool.close()
+
+
+async def test_the_first_attempt_of_a_message_in_memory_does_not_read_the_spool(
+    manager: Manager,
+) -> None:
+    envelope = await manager.accept("b@chu-test.fr")
+    await manager.qm.attempt(envelope.queue_id)
+    assert [address for address, _ in manager.hop.sent] == ["b@chu-test.fr"]
+    assert manager.reads == []
+    assert manager.qm.fresh == {}
+    assert list(manager.spool.entries()) == []
+
+
+async def test_a_message_not_in_memory_is_read_from_the_spool(manager: Manager) -> None:
+    envelope = await manager.accept("b@chu-test.fr", remember=False)
+    await manager.qm.attempt(envelope.queue_id)
+    assert manager.reads == [envelope.queue_id]
+    assert [address for address, _ in manager.hop.sent] == ["b@chu-test.fr"]
+
+
+async def test_a_message_held_before_its_first_attempt_is_read_back_once_released(
+    manager: Manager,
+) -> None:
+    envelope = await manager.accept("b@chu-test.fr")
+    manager.spool.hold(envelope.queue_id)
+    await manager.qm.attempt(envelope.queue_id)  # skipped: held
+    assert manager.hop.sent == [] and manager.qm.fresh == {}
+    manager.spool.release(envelope.queue_id)
+    await manager.qm.attempt(envelope.queue_id)
+    assert manager.reads == [envelope.queue_id]
+    assert [address for address, _ in manager.hop.sent] == ["b@chu-test.fr"]
+
+
+async def test_memory_kept_for_first_attempts_is_bounded(manager: Manager) -> None:
+    manager.qm.fresh_budget = 1
+    envelope = await manager.accept("b@chu-test.fr")
+    assert manager.qm.fresh == {}
+    await manager.qm.attempt(envelope.queue_id)
+    assert manager.reads == [envelope.queue_id]
+
+
+async def test_a_dsn_is_first_sent_from_memory(manager: Manager) -> None:
+    envelope = await manager.accept("nobody@chu-test.fr")
+    await manager.qm.attempt(envelope.queue_id)
+    [notification] = [e for e in manager.spool.entries() if e.envelope and e.envelope.generated]
+    assert notification.queue_id in manager.qm.fresh
+    await manager.qm.attempt(notification.queue_id)
+    [(address, body)] = manager.hop.sent
+    assert address == "a@clinique-test.fr" and b"multipart/report" in body
+    assert manager.reads == []
+
+
+async def test_the_accept_stage_can_hand_the_message_to_the_queue_manager(
+    world_factory: Callable[..., World],
+) -> None:
+    world = world_factory()
+    gateway = Gateway(world.config)
+    envelope = Envelope(
+        queue_id=gateway.spool.new_queue_id(), sender="a@clinique-test.fr",
+        recipients=(Recipient("b@chu-test.fr", "hospital"),), source_network="clinic",
+        peer=Peer("127.0.0.1"), received_at=time.time(), size=100,
+    )
+    raw = message("a@clinique-test.fr", "b@chu-test.fr")
+    gateway._accepted(envelope, raw)
+    assert gateway.qmgr.fresh == {envelope.queue_id: (envelope, raw)}
+    assert envelope.queue_id in gateway.qmgr.scheduled
+    await gateway.workers.close()

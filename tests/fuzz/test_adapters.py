@@ -11,7 +11,9 @@ Properties:
   break inside base64).
 
 Seed corpus: tests/vectors/smime (made by openssl), the Thunderbird S/MIME and OpenPGP
-messages in ../shared/data (read-only), and an Apicrypt message made here by the adapter.
+messages in ../shared/data (read-only), an Apicrypt message made here by the adapter, and what
+GnuPG makes for the interop tests (PGP/MIME signed, encrypted and both with its compressed
+defaults, inline signed, clearsigned and encrypted), made here by gpg for the gateway's key.
 Mutations touch the body only (after the first blank line): outer headers are not covered by
 any of these signatures, so changing them is not a forgery.
 """
@@ -49,6 +51,7 @@ from adapters.pgpkeys import generate_identity
 from adapters.smime import SmimeAdapter
 from gateway.errors import GatewayError
 from tests.fuzz.conftest import FUZZ
+from tests.support.gpg import Gpg
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "tests" / "vectors" / "smime"
@@ -133,6 +136,64 @@ def apicrypt_seeds() -> list[Seed]:
     return [Seed("apicrypt-v1-signed-encrypted", wrapped.content, ApicryptAdapter(), context)]
 
 
+def gnupg_seeds() -> list[Seed]:
+    """The messages the interop tests get from GnuPG 2.2, made here by gpg (`make test`
+    installs it): each kind of envelope a GnuPG-based client sends."""
+    gateway_secret = generate_identity("Passerelle <gw@passerelle.test>", created=NOW)
+    gateway_public = str(pysequoia.Tsk.from_bytes(gateway_secret).extract_certificate()).encode()
+    peer = Gpg()
+    try:
+        peer.import_key(gateway_public)
+        doctor = peer.generate("Dr Martin <dr.martin@cabinet.apicrypt.org>")
+        doctor_public = peer.export_public(doctor)
+        head = (b"From: <dr.martin@cabinet.apicrypt.org>\r\nTo: <gw@passerelle.test>\r\n"
+                b"Subject: CR\r\nMIME-Version: 1.0\r\n")
+        entity = (b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+                  b"Compte rendu de consultation.\r\n")
+
+        def gpg(*args: str, data: bytes) -> bytes:
+            return peer.run("--armor", "--local-user", doctor, *args, input=data,
+                            check=True).output
+
+        def encrypted(armored: bytes) -> bytes:
+            return head + (b'Content-Type: multipart/encrypted; '
+                           b'protocol="application/pgp-encrypted"; boundary="E"\r\n\r\n'
+                           b"--E\r\nContent-Type: application/pgp-encrypted\r\n\r\n"
+                           b"Version: 1\r\n\r\n--E\r\nContent-Type: application/octet-stream"
+                           b"\r\n\r\n" + armored.replace(b"\n", b"\r\n") + b"\r\n--E--\r\n")
+
+        def inline(armored: bytes) -> bytes:
+            return head + b"Content-Type: text/plain\r\n\r\n" + armored.replace(b"\n", b"\r\n")
+
+        signature = gpg("--detach-sign", data=entity)
+        signed = head + (b'Content-Type: multipart/signed; micalg=pgp-sha256; '
+                         b'protocol="application/pgp-signature"; boundary="S"\r\n\r\n'
+                         b"--S\r\n" + entity + b"\r\n--S\r\n"
+                         b"Content-Type: application/pgp-signature\r\n\r\n"
+                         + signature.replace(b"\n", b"\r\n") + b"\r\n--S--\r\n")
+        text = b"Compte rendu de consultation.\n"
+        made = {
+            "gpg-pgp-mime-signed": signed,
+            "gpg-pgp-mime-signed-encrypted": encrypted(gpg(
+                "--sign", "--encrypt", "--recipient", "gw@passerelle.test", data=entity)),
+            "gpg-pgp-mime-encrypted": encrypted(gpg(
+                "--encrypt", "--recipient", "gw@passerelle.test", data=signed[len(head):])),
+            "gpg-inline-signed": inline(gpg("--sign", data=text)),
+            "gpg-clearsigned": inline(gpg("--clearsign", data=text)),
+            "gpg-inline-signed-encrypted": inline(gpg(
+                "--sign", "--encrypt", "--recipient", "gw@passerelle.test", data=text)),
+        }
+    finally:
+        peer.close()
+    context = UnwrapContext("openpgp-net", Identity("gw", openpgp_secret=gateway_secret),
+                            TrustStore(), Directory(openpgp=(doctor_public,)), NOW,
+                            options={"codec": "openpgp", "version": 2})
+    seeds = [Seed(name, raw, OpenPgpAdapter(), context) for name, raw in made.items()]
+    seeds += [Seed(f"{name} (apicrypt)", raw, ApicryptAdapter(), context)
+              for name, raw in made.items()]
+    return seeds
+
+
 def mime_seeds() -> list[Seed]:
     context = UnwrapContext("hospital", None, TrustStore(), Directory(), NOW)
     plain = (b"From: <a@chu-test.fr>\r\nTo: <b@clinique-test.fr>\r\nSubject: CR\r\n"
@@ -147,7 +208,7 @@ def mime_seeds() -> list[Seed]:
 def corpus(kind: str) -> tuple[Seed, ...]:
     makers: dict[str, Callable[[], list[Seed]]] = {
         "smime": smime_seeds, "openpgp": openpgp_seeds, "apicrypt": apicrypt_seeds,
-        "mime": mime_seeds,
+        "gnupg": gnupg_seeds, "mime": mime_seeds,
     }
     return tuple(makers[kind]())
 
@@ -216,7 +277,7 @@ def check(seed: Seed, raw: bytes) -> None:
 # -- properties ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["smime", "openpgp", "apicrypt", "mime"])
+@pytest.mark.parametrize("kind", ["smime", "openpgp", "apicrypt", "gnupg", "mime"])
 @FUZZ
 @given(data=st.data())
 def test_mutated_input_only_raises_gateway_errors_and_never_passes(
@@ -229,7 +290,7 @@ def test_mutated_input_only_raises_gateway_errors_and_never_passes(
     check(seed, raw)
 
 
-@pytest.mark.parametrize("kind", ["smime", "openpgp", "apicrypt", "mime"])
+@pytest.mark.parametrize("kind", ["smime", "openpgp", "apicrypt", "gnupg", "mime"])
 @FUZZ
 @given(data=st.data(), junk=st.binary(max_size=2048))
 def test_random_bodies_only_raise_gateway_errors(kind: str, data: st.DataObject,

@@ -18,6 +18,7 @@ from gateway.config import (
     Requirements,
     RetrySettings,
     Route,
+    WorkerSettings,
     load,
     normalize_domain,
     parse,
@@ -373,3 +374,14 @@ def test_problem_text_shape() -> None:
                       "network 'medcin'; define it under networks: or fix the name")
     assert str(problem) == ("routing.yaml:42: network 'medecin': route names unknown network "
                             "'medcin'; define it under networks: or fix the name")
+
+
+def test_workers_setting_and_its_mistakes(tmp_path: Path) -> None:
+    assert load(write(tmp_path, MINIMAL)).gateway.workers == WorkerSettings("auto", None)
+    text = MINIMAL.replace("  listen:", "  workers: {kind: process, count: 3}\n  listen:")
+    assert load(write(tmp_path, text)).gateway.workers == WorkerSettings("process", 3)
+    text = MINIMAL.replace("  listen:", "  workers: {kind: fork, count: 0}\n  listen:")
+    found = [(p.line, p.message) for p in errors_of(write(tmp_path, text))]
+    assert len(found) == 2 and all(line == 4 for line, _ in found)  # the workers line
+    assert "gateway.workers.kind" in found[0][1] and "auto" in found[0][1]
+    assert "gateway.workers.count" in found[1][1]
