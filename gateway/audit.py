@@ -11,16 +11,23 @@ Never content, never the Subject: callers pass envelope facts only, and `record`
 field names that would carry them.
 
 Durability: every record is written with one `write()` on an O_APPEND descriptor, so a kill -9
-never leaves half a record (the kernel has the whole line), and `durable()` fsyncs, shared by all
-callers waiting at the same time (group commit), on a thread of the trail's own so that it never
-queues behind other work. Only the accept stage awaits it, before the 250, so a message that
-got a 250 always has its `received` record, and the spool's fsync runs alongside. The other
-records (unwrapped, wrapped, delivered, deferred, bounced...) are not fsync'ed one by one: they
-reach the disk with the next fsync, the next `received` one or at `close`. A power cut can
-therefore lose the last of them (never one before a `received` record that was made durable,
-since an fsync covers everything written before it); what they recorded is still true, and the
-spool, which fsyncs its own changes, decides what is delivered again. After a crash a torn last
-line is cut at start and the repair is itself recorded, so `verify` passes.
+never leaves half a record (the kernel has the whole line). `sync()` fsyncs the trail, shared by
+every thread that calls it at the same time (`gateway.spool.GroupCommit`: a caller returns once
+an fsync that started after its record was written has succeeded); `durable()` is the same for
+a coroutine, on a thread of the trail's own so that it never queues behind other work. The
+accept stage makes the `received` record durable before the 250, in the spool's worker thread
+once the queue file is (one thread hop for the whole commit), so a message that got a 250
+always has its `received` record. The other records (unwrapped, wrapped, delivered, deferred,
+bounced...) are not fsync'ed one by one: they reach the disk with the next fsync, the next
+`received` one or at `close`. A power cut can therefore lose the last of them (never one before
+a `received` record that was made durable, since an fsync covers everything written before it);
+what they recorded is still true, and the spool, which fsyncs its own changes, decides what is
+delivered again. After a crash a torn last line is cut at start and the repair is itself
+recorded, so `verify` passes.
+
+Threads: `record` may be called from any thread (the accept stage writes `received` records
+from the spool's workers, the other stages from the event loop); a lock orders the appends, so
+the chain is the order of the file.
 """
 
 from __future__ import annotations
@@ -31,11 +38,14 @@ import hashlib
 import json
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gateway.spool import GroupCommit
 
 __all__ = ["AuditTrail", "Broken", "read_records", "verify"]
 
@@ -44,8 +54,12 @@ _FILE = re.compile(r"^audit-(\d{4}-\d{2}-\d{2})\.jsonl$")
 _FORBIDDEN = frozenset({"subject", "content", "body", "data", "message"})
 
 
+# One encoder for every record: `json.dumps` with these options builds a new one per call.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _canonical(record: dict[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(record)
 
 
 def _digest(record: dict[str, Any]) -> str:
@@ -82,8 +96,13 @@ class AuditTrail:
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC).timestamp())
         self.last_hash = GENESIS
         self.day = ""
+        self._day_span = (0.0, 0.0)  # [start, end) of `day`, as timestamps
         self.fd = -1
-        self._dirty = False
+        self._dirty = False  # records written that no finished fsync covers
+        self._written = 0  # records appended so far
+        self._lock = threading.Lock()  # appends, rotation, and the descriptor an fsync takes
+        self._retired: list[int] = []  # descriptors of rotated files, closed at `close`
+        self._commit = GroupCommit(self._fsync)
         self._sync_task: asyncio.Future[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.fsyncs = 0  # of the trail's file, for benchmarks
@@ -125,13 +144,21 @@ class AuditTrail:
             os.fsync(handle.fileno())
         return len(data) - keep
 
-    def _rotate_if_needed(self) -> None:
-        day = dt.datetime.fromtimestamp(self.clock(), dt.UTC).strftime("%Y-%m-%d")
+    def _rotate_if_needed(self, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        if self.fd >= 0 and self._day_span[0] <= now < self._day_span[1]:
+            return  # the common case, without formatting a date per record
+        moment = dt.datetime.fromtimestamp(now, dt.UTC)
+        midnight = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+        self._day_span = (midnight.timestamp(), (midnight + dt.timedelta(days=1)).timestamp())
+        day = moment.strftime("%Y-%m-%d")
         if day == self.day and self.fd >= 0:
             return
         if self.fd >= 0:
             os.fsync(self.fd)
-            os.close(self.fd)
+            # Closed at `close`, not now: an fsync in another thread may hold this number, and
+            # a descriptor reused meanwhile would be fsync'ed in its place.
+            self._retired.append(self.fd)
         self.day = day
         path = self.folder / f"audit-{day}.jsonl"
         fresh = not path.exists() or path.stat().st_size == 0
@@ -158,14 +185,17 @@ class AuditTrail:
     # -- writing -------------------------------------------------------------------------------
 
     def record(self, event: str, **fields: Any) -> dict[str, Any]:
-        forbidden = _FORBIDDEN & {k.lower() for k in fields}
-        if forbidden:
+        if not _FORBIDDEN.isdisjoint(map(str.lower, fields)):
+            forbidden = _FORBIDDEN & {k.lower() for k in fields}
             raise ValueError(f"audit records never carry {', '.join(sorted(forbidden))}")
-        self._rotate_if_needed()
-        return self._append(event, fields)
+        with self._lock:
+            now = self.clock()
+            self._rotate_if_needed(now)
+            return self._append(event, fields, now)
 
-    def _append(self, event: str, fields: dict[str, Any]) -> dict[str, Any]:
-        now = self.clock()
+    def _append(self, event: str, fields: dict[str, Any],
+                now: float | None = None) -> dict[str, Any]:
+        now = self.clock() if now is None else now
         record: dict[str, Any] = {
             "time": dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="milliseconds"),
             "event": event,
@@ -174,14 +204,26 @@ class AuditTrail:
         }
         os.write(self.fd, _line(record))
         self.last_hash = record["hash"]
+        self._written += 1
         self._dirty = True
         return record
 
     def sync(self) -> None:
-        if self._dirty and self.fd >= 0:
-            self._dirty = False
-            os.fsync(self.fd)
+        """Return once every record written before the call is on disk (blocking, for any
+        thread; concurrent callers share one fsync). Raises the fsync's OSError."""
+        if self._dirty:
+            self._commit.sync()
+
+    def _fsync(self) -> None:
+        with self._lock:
+            fd, covers = self.fd, self._written
+        if fd < 0:
+            return
+        os.fsync(fd)
+        with self._lock:
             self.fsyncs += 1
+            if self._written == covers:
+                self._dirty = False
 
     async def durable(self) -> None:
         """Wait until every record written so far is on disk; concurrent callers share fsyncs."""
@@ -212,6 +254,9 @@ class AuditTrail:
             self.sync()
             os.close(self.fd)
             self.fd = -1
+        for fd in self._retired:
+            os.close(fd)
+        self._retired.clear()
 
 
 # -- reading and verifying ------------------------------------------------------------------

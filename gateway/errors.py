@@ -33,6 +33,7 @@ class Reason(enum.StrEnum):
     TOO_LARGE = "too_large"
     MALFORMED = "malformed"
     SMUGGLING = "smuggling"
+    PEER_TOO_SLOW = "peer_too_slow"
     SPOOL_UNAVAILABLE = "spool_unavailable"
     AUDIT_UNAVAILABLE = "audit_unavailable"
     SIGNATURE_MISSING = "signature_missing"

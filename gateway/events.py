@@ -3,17 +3,28 @@
 Every stage calls one method here per event, so the log line, the metric and (when configured)
 the audit record of an event are written from one place. Logs carry the queue id and never the
 content or the Subject: MSSanté subjects carry the patient's name and birth date.
+
+`gateway_queue_messages{state}` is kept without reading the spool: each move the server makes
+(accepted into active/, filed in deferred/, quarantined, finished) adjusts the count at once
+(`queue_moved`), and the queue manager recounts the folders now and then, off the event loop
+(`queue_counting`, `queue_counted`), which brings in what other processes did meanwhile (an
+operator's `gateway queue hold|release|delete`). Moves made while a recount runs are applied on
+top of its result, so the gauge is exact once the spool is at rest, and off by at most the few
+moves a recount overlapped while it is not.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter as Tally
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.envelope import Envelope
+from gateway.spool import LOCATIONS
 
 if TYPE_CHECKING:
     from gateway.delivery import Outcome
@@ -69,15 +80,12 @@ class Events:
     def __init__(self, metrics: Metrics | None = None, audit: Any = None) -> None:
         self.metrics = metrics or Metrics()
         self.audit = audit
+        self._queue: Tally[str] = Tally()  # messages per spool folder, as far as we know
+        self._queue_during: Tally[str] | None = None  # moves since the running recount began
 
     def _audit(self, event: str, **fields: Any) -> None:
         if self.audit is not None:
             self.audit.record(event, **fields)
-
-    async def durable(self) -> None:
-        """Wait until the audit records written so far are on disk (before a 250)."""
-        if self.audit is not None:
-            await self.audit.durable()
 
     def lifecycle(self, event: str, **fields: Any) -> None:
         """start, stop, reload, reload_refused."""
@@ -167,6 +175,40 @@ class Events:
         self._audit(event, queue_id=envelope.queue_id, message_id=envelope.message_id,
                     recipient=outcome.address, route=route, reply=reply,
                     reason=outcome.reason.value if outcome.reason else None)
+
+    # -- the queue gauge ------------------------------------------------------------------------
+
+    def queue_moved(self, source: str | None, target: str | None) -> None:
+        """A message entered the spool (`source` None), moved between its folders, or left it
+        (`target` None)."""
+        if source == target:
+            return
+        for tally in (self._queue, self._queue_during):
+            if tally is None:
+                continue
+            if source is not None:
+                tally[source] -= 1
+            if target is not None:
+                tally[target] += 1
+        self._publish_queue()
+
+    def queue_counting(self) -> None:
+        """A recount of the spool's folders begins: moves from now on go on top of its result."""
+        self._queue_during = Tally()
+
+    def queue_counted(self, counts: Mapping[str, int] | None) -> None:
+        """The recount's result, per folder (None: it failed, and the running tally stays)."""
+        during, self._queue_during = self._queue_during, None
+        if counts is None:
+            return
+        self._queue = Tally({state: counts.get(state, 0) for state in LOCATIONS})
+        self._queue.update(during or {})
+        self._publish_queue()
+
+    def _publish_queue(self) -> None:
+        for state in LOCATIONS:
+            # Below zero only for a moment: a move counted before a recount that had seen it.
+            self.metrics.queue.labels(state).set(max(0, self._queue[state]))
 
     def dsn(self, original: Envelope, notice: Envelope, action: str) -> None:
         log.info("%s: DSN %s queued as %s to <%s>", original.queue_id, action, notice.queue_id,

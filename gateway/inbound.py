@@ -20,15 +20,16 @@ attempts, and says 250 only once the spool has made the message durable.
   the terminator (RFC 1870 §6); a peer that never sends it is cut off after a bounded amount.
 - The transaction ends with DATA (accepted or not), RSET, HELO/EHLO and STARTTLS (RFC 5321
   §4.1.4, RFC 3207 §4.2): a RCPT after it needs a new MAIL FROM.
-- 250 only once the message is spooled and its `received` audit record is durable. The two
-  run side by side: while a spool worker thread writes and fsyncs the queue file and its
-  folder, the event loop writes the record and starts the audit fsync; each fsync is shared by
-  the sessions that reach it at the same moment. A failure on the way (spool, audit, a defect)
-  is a 451 4.3.0 and the spooled copy is withdrawn, as it is when the peer leaves before the
-  reply: the peer sends again, and delivering this copy as well would deliver the message
-  twice. A `received` record may thus be followed by a `rejected` one with the same queue
-  id. No exception reaches the peer as aiosmtpd's generic 500; internal details only reach the
-  log and the audit trail.
+- 250 only once the message is spooled and its `received` audit record is durable, one hop
+  off the event loop per message: while a spool worker thread writes, fsyncs and renames the
+  queue file into active/ and fsyncs active/, the event loop writes the record; the same
+  thread then fsyncs the audit trail (`_Received`), which is cheap by then, since the spool's
+  journal commits already carried most of it. Each fsync is shared by the sessions that reach
+  it at the same moment. A failure on the way (spool, audit, a defect) is a 451 4.3.0 and the
+  spooled copy is withdrawn, as it is when the peer leaves before the reply: the peer sends
+  again, and delivering this copy as well would deliver the message twice. A `received` record
+  may thus be followed by a `rejected` one with the same queue id. No exception reaches the
+  peer as aiosmtpd's generic 500; internal details only reach the log and the audit trail.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import ipaddress
 import logging
 import re
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +68,15 @@ _CHUNK = 64 * 1024
 # A peer still sending this many times the size limit after crossing it is not going to end
 # DATA: it is cut off rather than read until the session timeout.
 _DISCARD_FACTOR = 4
+# Seconds a spool worker waits for the event loop to write a `received` record (`_Received`).
+_WRITE_BOUND = 60.0
+# Seconds of silence after which a session is closed: between commands, and between the chunks
+# of DATA (RFC 5321 §4.5.3.2 asks for at least 5 minutes and 3 minutes).
+SESSION_TIMEOUT = 300.0
+# Seconds DATA may take in all, however steadily it arrives: a peer trickling a few octets every
+# few minutes would otherwise hold a connection for days. An hour lets a 25 MiB message through
+# at 8 KB/s.
+DATA_DEADLINE = 3600.0
 
 _LOCAL_ERROR = "Requested action aborted: local error in processing, try again later"
 _UNRECORDED = "Requested action aborted: the message could not be recorded here, try again later"
@@ -90,11 +101,46 @@ _UNKNOWN_COMMAND = '500 Error: command "'
 Accepted = Callable[[Envelope, bytes], None]
 
 
-def _settled(future: asyncio.Future[None]) -> None:
-    """Collect the outcome of an audit fsync, which nobody awaits any more once the reply is a
-    451 for another reason: its failure is not reported a second time as never retrieved."""
-    if not future.cancelled():
-        future.exception()
+class _Received:
+    """The `received` audit record of one message, made durable with it
+    (`gateway.spool.Alongside`): written on the event loop while the spool's worker thread
+    writes the queue file, fsync'ed by that thread once the message is durable, so that the
+    commit before the 250 is one hop off the event loop. Each fsync is shared by the sessions
+    that reach it at the same moment.
+
+    Never raises: the failure is kept in `error` for the session, which withdraws the
+    message."""
+
+    def __init__(self, events: Any, envelope: Envelope) -> None:
+        self.events = events
+        self.envelope = envelope
+        self.error: Exception | None = None
+        # Held until `write` has run (a bare lock: cheaper to make than an Event).
+        self._unwritten = threading.Lock()
+        self._unwritten.acquire()
+
+    def write(self) -> None:
+        try:
+            self.events.received(self.envelope)
+        except Exception as error:
+            self.error = error
+        finally:
+            self._unwritten.release()
+
+    def sync(self) -> None:
+        # `write` runs just after the hand-off to the worker thread, well before the spool's
+        # fsyncs return: this wait is a formality, bounded in case the event loop is stuck.
+        if not self._unwritten.acquire(timeout=_WRITE_BOUND):
+            self.error = TimeoutError("the received record was not written in time")
+            return
+        if self.error is not None:
+            return
+        try:
+            audit = self.events.audit
+            if audit is not None:
+                audit.sync()  # looked up now: tests replace it to simulate a failing disk
+        except Exception as error:
+            self.error = error
 
 
 @dataclass
@@ -132,6 +178,7 @@ class GatewaySMTP(SMTP):
         self.inbound = inbound
         self.listener = listener
         self.transaction: Transaction | None = None
+        self._identity: tuple[tuple[str, bytes | None], PeerIdentity] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         fresh = self not in self.inbound.sessions  # aiosmtpd calls this again after STARTTLS
@@ -193,13 +240,18 @@ class GatewaySMTP(SMTP):
     def peer_identity(self) -> PeerIdentity:
         peer = self.session.peer if self.session is not None else None
         host = peer[0] if peer else "0.0.0.0"
-        certificate = None
+        der: bytes | None = None
         ssl_object = self.ssl_object()
         if ssl_object is not None:
-            der = ssl_object.getpeercert(binary_form=True)
-            if der:
-                certificate = x509.load_der_x509_certificate(der)
-        return PeerIdentity(ipaddress.ip_address(host), certificate)
+            der = ssl_object.getpeercert(binary_form=True) or None
+        # Asked at every MAIL and every DATA: parsed once per address and certificate (the
+        # same bytes, compared whole, so a renegotiated certificate is parsed anew).
+        if self._identity is not None and self._identity[0] == (host, der):
+            return self._identity[1]
+        certificate = x509.load_der_x509_certificate(der) if der else None
+        identity = PeerIdentity(ipaddress.ip_address(host), certificate)
+        self._identity = ((host, der), identity)
+        return identity
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -310,11 +362,25 @@ class GatewaySMTP(SMTP):
         # Without a configured limit, memory is still bounded, at aiosmtpd's default.
         limit = self.data_size_limit or DATA_SIZE_DEFAULT
         reader = DataReader(limit)
+        deadline = self.loop.time() + DATA_DEADLINE
         while True:
             chunk = await self._reader.read(_CHUNK)
             if not chunk:  # the peer left
                 self._end_session()
                 return None
+            if self.loop.time() > deadline:
+                failure = TemporaryFailure(
+                    "DATA took too long; closing the connection, send the message again",
+                    smtp_code=421, enhanced="4.4.2", reason=Reason.PEER_TOO_SLOW,
+                    detail=f"{reader.received} octets in {DATA_DEADLINE:g}s",
+                )
+                self.inbound.rejected(self, "DATA", f"{reader.received} octets", failure)
+                await self.push(failure.smtp_reply)
+                self._end_session()
+                return None
+            # aiosmtpd's idle timer only restarts at each command: a large message on a slow
+            # link would otherwise be cut off in the middle of its DATA.
+            self._reset_timeout()
             end = reader.feed(chunk)
             if end is not None:
                 if end < len(chunk):
@@ -438,18 +504,22 @@ class Inbound:
             return "503 5.5.1 Need RCPT command"
         data = smtp_envelope.original_content or b""
         queue_id: str | None = None
-        recorded: asyncio.Future[None] | None = None
+        received: _Received | None = None
         try:
             envelope = self._envelope(server, session, transaction, data)
             queue_id = envelope.queue_id
             if self.events is not None:
-                # Runs once `enqueue` has handed the message to the spool's worker thread: the
-                # `received` record is written, and fsync'ed, while the queue file is.
-                recorded = asyncio.ensure_future(self._record_received(envelope))
-                recorded.add_done_callback(_settled)
-            await self.spool.enqueue(envelope, data)
+                received = _Received(self.events, envelope)
+            await self.spool.enqueue(envelope, data, alongside=received)
         except asyncio.CancelledError:
-            if recorded is not None:  # the spool removes its own copy of a cancelled enqueue
+            if received is not None:
+                # The spool removes its own copy of a cancelled enqueue once its worker is
+                # done; withdrawn now as well, in case the worker waits on a disk that does not
+                # answer (idempotent: a copy not yet in active/ is the spool's to remove).
+                task = asyncio.get_running_loop().create_task(
+                    self._withdraw(received.envelope.queue_id))
+                self._withdrawals.add(task)
+                task.add_done_callback(self._withdrawals.discard)
                 self.rejected(server, "DATA", f"{len(data)} octets", TemporaryFailure(
                     "The session ended before the reply", detail="session ended before the 250"),
                     queue_id=queue_id)
@@ -462,12 +532,7 @@ class Inbound:
             failure = TemporaryFailure(_LOCAL_ERROR, detail=f"{type(error).__name__}: {error}")
             self.rejected(server, "DATA", f"{len(data)} octets", failure, queue_id=queue_id)
             return failure.smtp_reply
-        return await self._commit(server, envelope, recorded, data)
-
-    async def _record_received(self, envelope: Envelope) -> None:
-        assert self.events is not None
-        self.events.received(envelope)
-        await self.events.durable()
+        return await self._commit(server, envelope, received, data)
 
     def _envelope(self, server: GatewaySMTP, session: Session, transaction: Transaction,
                   data: bytes) -> Envelope:
@@ -492,28 +557,21 @@ class Inbound:
         )
 
     async def _commit(self, server: GatewaySMTP, envelope: Envelope,
-                      recorded: asyncio.Future[None] | None, data: bytes) -> str:
-        """The message is durable in the spool: once its `received` audit record is too,
-        schedule it and give the 250.
+                      received: _Received | None, data: bytes) -> str:
+        """The message and its `received` record were to be made durable together: if both
+        are, schedule it and give the 250.
 
-        If the record cannot be made durable, or the session ends first, the spooled copy is
-        withdrawn: the peer got no 250 and will send the message again.
+        If the record could not be made durable, the spooled copy is withdrawn: the peer gets
+        no 250 and will send the message again.
         """
         withdrawn = f"{envelope.size} octets, {envelope.queue_id} withdrawn"
         try:
-            if recorded is not None and self.events is not None:
+            if received is not None and self.events is not None:
                 # The `received` record of a message that gets a 250 must survive a crash.
-                await recorded
+                if received.error is not None:
+                    raise received.error
                 self.events.accepted(envelope)
             self.accepted(envelope, data)
-        except asyncio.CancelledError:
-            task = asyncio.get_running_loop().create_task(self._withdraw(envelope.queue_id))
-            self._withdrawals.add(task)
-            task.add_done_callback(self._withdrawals.discard)
-            self.rejected(server, "DATA", withdrawn, TemporaryFailure(
-                "The session ended before the reply", detail="session ended before the 250"),
-                queue_id=envelope.queue_id)
-            raise
         except Exception as error:
             log.error("%s: could not record the message as received, withdrawing it",
                       envelope.queue_id, exc_info=error)
@@ -547,7 +605,7 @@ class Inbound:
             tls_context=tls if starttls else None,
             require_starttls=starttls,
             enable_SMTPUTF8=True,
-            timeout=300,
+            timeout=SESSION_TIMEOUT,
         )
         return server
 

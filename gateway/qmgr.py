@@ -34,6 +34,26 @@ just written; within `fresh_budget` bytes, past which it is read back like any o
 
 Operators' queue commands run in another process: they change the spool files and drop a
 file named after the queue id in `<spool>/requests/`, which this loop polls every second.
+
+Start-up does not wait for the spool (a backlog of 100,000 deferred messages takes seconds to
+read): `prepare_recovery` only clears incoming/, which holds nothing that got a 250 and must be
+empty before anything new is written there; the listeners open; then `recover_in_background`
+reads active/ (first: what was due or in delivery) and deferred/ in a thread of its own, a chunk
+at a time, handing each chunk to the event loop to schedule and pausing between chunks so that
+it takes at most about `RECOVERY_SHARE` of the time and never keeps the interpreter lock from
+the event loop for more than about `RECOVERY_SLICE`. Recovery reads
+only what scheduling needs, each message's delivery state (its state file, or its envelope when
+no attempt has written one yet); a message whose files turn out damaged later (a truncated body,
+a state file that does not list the envelope's recipients) is moved to corrupt/ by its attempt.
+Every message in active/ or deferred/ at start is scheduled once recovery reaches it; a message
+is never scheduled later than its state says, because `schedule` only ever brings an attempt
+forward, so recovery racing the messages that arrive meanwhile costs at most one attempt that
+finds nothing due. Scheduling is a heap: what a message costs does not grow with the backlog.
+
+The queue gauge (`gateway_queue_messages{state}`) follows each move this process makes, and is
+recounted from the folders' listings (names only, no file opened), in a thread, at start, after
+recovery, after operators' requests, on `request_recount` (a reload) and every `queue_recount`
+seconds, which brings in the moves of other processes (`gateway queue hold|delete`).
 """
 
 from __future__ import annotations
@@ -46,8 +66,9 @@ import heapq
 import logging
 import os
 import secrets
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,10 +80,27 @@ from gateway.envelope import DeliveryState, Envelope, Peer, Recipient, Recipient
 from gateway.errors import GatewayError, Reason, TemporaryFailure
 from gateway.pipeline import Prepared, prepare
 from gateway.runtime import Runtime
-from gateway.spool import CorruptQueueFile, Spool
+from gateway.spool import (
+    LOCATIONS,
+    QUEUE_ID,
+    STATE,
+    CorruptQueueFile,
+    Location,
+    NoSuchMessage,
+    Spool,
+)
 from gateway.workers import NotReady, Overrun, WorkerLost, Workers
 
-__all__ = ["FRESH_BUDGET", "PERSIST_RETRY", "PREPARE_TIMEOUT", "QueueManager", "request_attention"]
+__all__ = [
+    "FRESH_BUDGET",
+    "PERSIST_RETRY",
+    "PREPARE_TIMEOUT",
+    "QUEUE_RECOUNT",
+    "RECOVERY_CHUNK",
+    "RECOVERY_SHARE",
+    "QueueManager",
+    "request_attention",
+]
 
 log = logging.getLogger("gateway.qmgr")
 
@@ -82,6 +120,20 @@ PERSIST_RETRY = 30.0
 # then need not read back what was just written. Past it, the first attempt reads the spool like
 # any other (a burst of large messages does not grow the process).
 FRESH_BUDGET = 64 * 1024 * 1024
+
+# Background recovery: messages read per chunk handed to the event loop to schedule, the share
+# of the time it may spend reading, and how long it reads before each pause (`_Pacer`).
+RECOVERY_CHUNK = 128
+RECOVERY_SHARE = 0.5
+RECOVERY_SLICE = 0.0005
+
+# How often the queue gauge is recounted from the spool's folders (about 50 ms of listing per
+# 100,000 messages, in a thread): what other processes move shows within this time.
+QUEUE_RECOUNT = 60.0
+
+# How soon to look again at a message whose files could not be read for a reason other than
+# damage (an I/O error is not proof of corruption).
+READ_RETRY = 60.0
 
 
 def request_attention(spool_root: Path, queue_id: str) -> None:
@@ -104,6 +156,8 @@ class QueueManager:
         prepare_timeout: float = PREPARE_TIMEOUT,
         persist_retry: float = PERSIST_RETRY,
         fresh_budget: int = FRESH_BUDGET,
+        queue_recount: float = QUEUE_RECOUNT,
+        recovery_share: float = RECOVERY_SHARE,
     ) -> None:
         self.spool = spool
         self.runtime = runtime
@@ -129,6 +183,12 @@ class QueueManager:
         self.stopping = False
         self.idle = asyncio.Event()
         self.idle.set()
+        self.queue_recount = queue_recount
+        self.recovery_share = recovery_share
+        self._recount_wanted = asyncio.Event()
+        self._recount_lock = asyncio.Lock()
+        self._halt = threading.Event()  # tells the recovery thread to stop
+        self._recovery: threading.Thread | None = None
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -156,18 +216,181 @@ class QueueManager:
             self._fresh_bytes -= len(found[1])
         return found
 
+    def accepted(self, envelope: Envelope, message: bytes | None = None) -> None:
+        """The accept stage made `envelope` durable in active/: count it, keep its bytes for
+        the first attempt (`remember`), and schedule it now."""
+        self._moved(None, "active")
+        if message is not None:
+            self.remember(envelope, message)
+        self.schedule(envelope.queue_id)
+
+    # -- recovery -----------------------------------------------------------------------------
+
+    def prepare_recovery(self) -> None:
+        """Before the listeners open: create the spool's folders and clear incoming/. A file
+        left there never got a 250 (the 250 follows the rename out of it), and it must go
+        before this process writes there, or it could be taken for one of ours."""
+        self.spool.open()
+        self.spool.clear_incoming()
+
     def recover(self) -> int:
-        """Schedule everything the spool holds (at start, after a crash)."""
+        """Schedule everything the spool holds, at once and in this thread (a spool that is not
+        being served yet: tools, tests). Returns how many messages were scheduled."""
+        self.prepare_recovery()
         count = 0
-        for entry in self.spool.recover():
-            if entry.location in ("active", "deferred"):
-                due = entry.state.next_attempt() if entry.state is not None else None
-                self.schedule(entry.queue_id, due if due is not None else self.clock())
-                count += 1
+        for chunk in self._recovered():
+            self._schedule_all(chunk)
+            count += len(chunk)
         return count
 
+    async def recover_in_background(self) -> int:
+        """Schedule everything active/ and deferred/ hold, read in a thread of this process's
+        own while the event loop serves, as `recover` would (after `prepare_recovery`, which
+        must run first). Returns how many messages were scheduled; cancelled by `stop`."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[int] = loop.create_future()
+        thread = threading.Thread(target=self._recovery_thread, args=(loop, done),
+                                  name="recovery", daemon=True)
+        self._recovery = thread
+        thread.start()
+        try:
+            return await done
+        except asyncio.CancelledError:
+            self._halt.set()
+            raise
+
+    def _recovery_thread(self, loop: asyncio.AbstractEventLoop,
+                         done: asyncio.Future[int]) -> None:
+        count = 0
+        outcome: tuple[int | None, BaseException | None]
+        try:
+            for chunk in self._recovered(_Pacer(self.recovery_share, self._halt)):
+                loop.call_soon_threadsafe(self._schedule_all, chunk)
+                count += len(chunk)
+            outcome = (count, None)
+        except BaseException as error:  # handed to the awaiting task, which logs it
+            outcome = (None, error)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the gateway has stopped
+            loop.call_soon_threadsafe(_resolve, done, *outcome)
+
+    def _recovered(self, pace: Callable[[], None] | None = None,
+                   ) -> Iterator[list[tuple[str, float]]]:
+        """active/ then deferred/, oldest first, as chunks of (queue id, when due); read in the
+        calling thread, calling `pace` after each message. Unreadable messages are moved to
+        corrupt/ on the way; at the end, state files whose message is gone (a crash between
+        the two removals of `finish`) are removed."""
+        seen: set[str] = set()
+        chunk: list[tuple[str, float]] = []
+        for location in ("active", "deferred"):
+            try:
+                names = sorted(os.listdir(self.spool.root / location))
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if self._halt.is_set():
+                    return
+                if not QUEUE_ID.fullmatch(name):
+                    log.warning("ignoring %s in the spool: not a queue file name",
+                                self.spool.root / location / name)
+                    continue
+                seen.add(name)
+                due = self._due_at_start(name)
+                if due is not None:
+                    chunk.append((name, due))
+                if len(chunk) >= RECOVERY_CHUNK:
+                    yield chunk
+                    chunk = []
+                if pace is not None:
+                    pace()
+        if chunk:
+            yield chunk
+        self._remove_orphan_states(seen)
+
+    def _due_at_start(self, queue_id: str) -> float | None:
+        """When the message is due, from its delivery state; None if there is nothing to
+        schedule (gone meanwhile, or moved to corrupt/ now)."""
+        try:
+            state = self.spool.read_state(queue_id)
+        except NoSuchMessage:
+            return None  # finished, deleted or held since the listing
+        except CorruptQueueFile as error:
+            self.spool.quarantine(queue_id, error.why)
+            return None
+        except OSError as error:
+            # Not proof of damage: the message stays where it is and is looked at again.
+            log.error("cannot read %s: %s; trying again in %gs", queue_id, error, READ_RETRY)
+            return self.clock() + READ_RETRY
+        due = state.next_attempt()
+        return self.clock() if due is None else due  # all final: its attempt removes it
+
+    def _remove_orphan_states(self, seen: set[str]) -> None:
+        folder = self.spool.root / STATE
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return
+        for name in names:
+            queue_id = name.removesuffix(".state")
+            if not name.endswith(".state") or queue_id in seen:
+                continue
+            # Not seen by the listings: an orphan, unless its message arrived since (or was
+            # held, or quarantined with its state file, which then is no longer here).
+            if self.spool.locate(queue_id) in (None, "corrupt"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(folder / name)
+
+    def _schedule_all(self, chunk: Sequence[tuple[str, float]]) -> None:
+        for queue_id, due in chunk:
+            self.schedule(queue_id, due)
+
+    # -- the queue gauge ----------------------------------------------------------------------
+
+    def _moved(self, source: str | None, target: str | None) -> None:
+        if self.events is not None:
+            self.events.queue_moved(source, target)
+
+    def request_recount(self) -> None:
+        """Recount the queue gauge soon (after a reload, an operator's request)."""
+        self._recount_wanted.set()
+
+    async def recount(self) -> None:
+        """Set the queue gauge from the folders' listings, read in a thread."""
+        if self.events is None:
+            return
+        async with self._recount_lock:
+            self.events.queue_counting()
+            try:
+                counts = await asyncio.to_thread(self._count)
+            except OSError as error:
+                log.warning("could not count the spool's folders: %s", error)
+                self.events.queue_counted(None)
+                return
+            except BaseException:
+                self.events.queue_counted(None)
+                raise
+            self.events.queue_counted(counts)
+
+    def _count(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for location in LOCATIONS:
+            try:
+                names = os.listdir(self.spool.root / location)
+            except FileNotFoundError:
+                names = []
+            counts[location] = sum(1 for name in names if QUEUE_ID.fullmatch(name))
+        return counts
+
+    async def _recount_periodically(self) -> None:
+        self._recount_wanted.set()  # once at start
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._recount_wanted.wait(), self.queue_recount)
+            self._recount_wanted.clear()
+            await self.recount()
+
     async def run(self) -> None:
-        poller = asyncio.create_task(self._poll_requests())
+        helpers = [asyncio.create_task(self._poll_requests()),
+                   asyncio.create_task(self._recount_periodically())]
         try:
             while not self.stopping:
                 now = self.clock()
@@ -190,9 +413,11 @@ class QueueManager:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wakeup.wait(), max(0.0, min(delay, 3600.0)))
         finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            for helper in helpers:
+                helper.cancel()
+            for helper in helpers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
@@ -205,7 +430,12 @@ class QueueManager:
     async def stop(self, grace: float = 30.0) -> None:
         """Stop starting attempts; let attempts in progress finish for up to `grace` seconds."""
         self.stopping = True
+        self._halt.set()
         self.wakeup.set()
+        recovery = self._recovery
+        if recovery is not None and recovery.is_alive():
+            # It checks `_halt` before each message: it ends once its current read returns.
+            await asyncio.to_thread(recovery.join, grace)
         if self.tasks:
             _done, pending = await asyncio.wait(set(self.tasks), timeout=grace)
             for task in pending:
@@ -225,6 +455,8 @@ class QueueManager:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(folder / name)
                 self.schedule(name)
+            if names:
+                self.request_recount()  # a release or a retry moved a message
 
     # -- one attempt --------------------------------------------------------------------------
 
@@ -258,9 +490,15 @@ class QueueManager:
                 on_disk = DeliveryState.initial(envelope)
             else:
                 envelope, raw, on_disk = await asyncio.to_thread(self._read, queue_id)
+                if sorted(r.address for r in on_disk.recipients) != sorted(
+                    r.address for r in envelope.recipients
+                ):
+                    raise CorruptQueueFile(
+                        queue_id, "the state file does not list the envelope's recipients")
         except CorruptQueueFile as error:
             log.error("queue file %s is unreadable, moved to corrupt/: %s", queue_id, error)
             await asyncio.to_thread(self.spool.quarantine, queue_id, str(error))
+            self._moved(location, "corrupt")
             self.unsaved.pop(queue_id, None)
             return
         state = self._known(queue_id, on_disk)
@@ -272,11 +510,12 @@ class QueueManager:
         runtime = self.runtime()
         if not due:
             if queue_id in self.unsaved:
-                await self._settle(runtime, envelope, raw, on_disk, state)
+                await self._settle(runtime, envelope, raw, on_disk, state, location)
                 return
             upcoming = state.next_attempt()
             if upcoming is None:
                 await asyncio.to_thread(self.spool.finish, queue_id)
+                self._moved(location, None)
             else:
                 self.schedule(queue_id, upcoming)
             return
@@ -299,7 +538,7 @@ class QueueManager:
         for result in await asyncio.gather(*sends):
             outcomes.extend(result)
         await self._record(runtime, envelope, raw, on_disk, state, due,
-                           _one_per_recipient(queue_id, due, outcomes), now)
+                           _one_per_recipient(queue_id, due, outcomes), now, location)
 
     def _read(self, queue_id: str) -> tuple[Envelope, bytes, DeliveryState]:
         envelope, raw = self.spool.load(queue_id)
@@ -393,6 +632,7 @@ class QueueManager:
     async def _record(
         self, runtime: Runtime, envelope: Envelope, raw: bytes, on_disk: DeliveryState,
         state: DeliveryState, due: Sequence[Recipient], outcomes: Sequence[Outcome], now: float,
+        location: Location | None,
     ) -> None:
         """Turn one attempt's outcomes into the new state, the DSNs owed, the audit records and
         metrics (once each), then save them (`_settle`)."""
@@ -472,15 +712,16 @@ class QueueManager:
                     # and never a reason to send again: say so and carry on saving.
                     log.exception("%s: the %s outcome for <%s> could not be recorded",
                                   envelope.queue_id, outcome.kind, outcome.address)
-        await self._settle(runtime, envelope, raw, on_disk, state)
+        await self._settle(runtime, envelope, raw, on_disk, state, location)
 
     async def _settle(
         self, runtime: Runtime, envelope: Envelope, raw: bytes, on_disk: DeliveryState,
-        state: DeliveryState,
+        state: DeliveryState, location: Location | None,
     ) -> None:
         """Queue the DSNs owed, then make the spool say what `state` says. Whatever fails stays
         in `unsaved` and is tried again every `persist_retry` seconds; meanwhile no recipient
-        whose outcome is final here is tried again."""
+        whose outcome is final here is tried again. `location`: where the attempt found the
+        message, for the queue gauge."""
         queue_id = envelope.queue_id
         unsaved = self.unsaved.setdefault(queue_id, _Unsaved(on_disk, state))
         unsaved.base, unsaved.state = on_disk, state
@@ -504,8 +745,10 @@ class QueueManager:
             # Both fsync: off the event loop.
             if saved.done:
                 await asyncio.to_thread(self.spool.finish, queue_id)
+                self._moved(location, None)
             else:
-                await asyncio.to_thread(self.spool.write_state, queue_id, saved)
+                filed = await asyncio.to_thread(self.spool.write_state, queue_id, saved)
+                self._moved(location, filed)
         except OSError as error:
             log.error("%s: the delivery state could not be saved (%s); kept in memory, trying "
                       "again in %gs", queue_id, error, self.persist_retry)
@@ -576,10 +819,43 @@ class QueueManager:
             generated=True,
         )
         await self.spool.enqueue(notification, body)
+        self._moved(None, "active")
         if self.events is not None:
             self.events.dsn(envelope, notification, action)
         self.remember(notification, body)
         self.schedule(notification.queue_id)
+
+
+class _Pacer:
+    """Keeps the recovery thread to about `share` of the time, in slices of `RECOVERY_SLICE`.
+
+    A thread that keeps the interpreter lock makes the event loop's thread wait up to the
+    interpreter's switch interval (5 ms) each time it wants the lock back, which is after each
+    wait for the network: that is what new mail would feel. Pausing after every short slice
+    hands the lock over at once and bounds that wait to about one slice. A slice's time includes
+    the waits for the lock while the loop had it, so a busy loop makes the pauses longer."""
+
+    def __init__(self, share: float, halt: threading.Event) -> None:
+        self.share = share
+        self.halt = halt
+        self.began = time.perf_counter()
+
+    def __call__(self) -> None:
+        spent = time.perf_counter() - self.began
+        if spent >= RECOVERY_SLICE:
+            self.halt.wait(spent * (1.0 - self.share) / self.share)
+            self.began = time.perf_counter()
+
+
+def _resolve(future: asyncio.Future[int], result: int | None,
+             error: BaseException | None) -> None:
+    if future.done():  # its task was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        assert result is not None
+        future.set_result(result)
 
 
 _Row = tuple[Recipient, RecipientState, Outcome]

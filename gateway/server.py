@@ -1,6 +1,10 @@
 """`gateway serve`: one task group owns the listeners, the queue manager, the crypto workers and
 the metrics endpoint.
 
+Start-up does not wait for the spool: the listeners open (and new mail gets its 250, durably, as
+always) as soon as incoming/ is cleared, and the messages already in the spool are recovered
+and scheduled in the background (`QueueManager.recover_in_background`), however many there are.
+
 SIGTERM drains: stop accepting, let SMTP sessions and deliveries in progress finish (bounded),
 keep everything else in the spool. SIGHUP reloads routing.yaml and its files, applied only if
 they check clean; sessions and deliveries in progress finish under the configuration they began
@@ -16,6 +20,7 @@ import logging
 import os
 import signal
 import ssl
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +34,7 @@ from gateway.events import Events
 from gateway.http import MetricsServer
 from gateway.inbound import Inbound
 from gateway.peers import PeerTrust, check_next_hop
-from gateway.qmgr import QueueManager
+from gateway.qmgr import QUEUE_RECOUNT, QueueManager
 from gateway.runtime import ConfigurationRefused, Runtime
 from gateway.spool import Spool
 from gateway.tls import server_context
@@ -39,19 +44,28 @@ __all__ = ["Gateway"]
 
 log = logging.getLogger("gateway.server")
 
+# How soon to try recovering the spool again when it could not be listed.
+RECOVER_RETRY = 60.0
+
+# Seconds a finished message's removal may wait for an fsync of its folder (`Spool`'s
+# `removal_delay`): under load the next enqueue's fsync carries it. What it risks is a
+# duplicate after a power cut within that second, never a loss; a kill -9 loses nothing.
+REMOVAL_DELAY = 1.0
+
 
 class Gateway:
     """The running relay. `start()` then `wait()`; `stop()` drains."""
 
     def __init__(self, config_path: Path, *, transport: Transport | None = None,
-                 events: Events | None = None, workers: Workers | None = None) -> None:
+                 events: Events | None = None, workers: Workers | None = None,
+                 queue_recount: float = QUEUE_RECOUNT) -> None:
         self.config_path = config_path
         self._runtime = Runtime.load(config_path)
         config = self._runtime.config
         key = None
         if config.gateway.spool.encryption_key is not None:
             key = config.gateway.spool.encryption_key.read_bytes()
-        self.spool = Spool(config.gateway.spool.path, key)
+        self.spool = Spool(config.gateway.spool.path, key, removal_delay=REMOVAL_DELAY)
         self.audit = AuditTrail(config.gateway.audit.path, config.gateway.audit.retention)
         self.events = events or Events(audit=self.audit)
         # By default S/MIME, OpenPGP and Apicrypt work in worker processes (out of the GIL,
@@ -65,7 +79,7 @@ class Gateway:
         self._own_transport = transport is None
         self.transport = transport or self._make_transport()
         self.qmgr = QueueManager(self.spool, self.runtime, self.transport, self.workers,
-                                 events=self.events)
+                                 events=self.events, queue_recount=queue_recount)
         self.inbound = Inbound(self.runtime, self.spool, self._accepted, events=self.events)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
@@ -80,9 +94,7 @@ class Gateway:
         # that order and before anything can deliver the message, so that a failure there can
         # still withdraw it: only the delivery is left to schedule before the 250. With the
         # message's bytes, the first attempt need not read them back from the spool.
-        if message is not None:
-            self.qmgr.remember(envelope, message)
-        self.qmgr.schedule(envelope.queue_id)
+        self.qmgr.accepted(envelope, message)
 
     def _make_transport(self) -> Transport:
         runtime = self._runtime
@@ -114,15 +126,13 @@ class Gateway:
     async def start(self) -> None:
         self.audit.open()
         self.events.lifecycle("start", config=str(self.config_path))
-        self.spool.open()
-        recovered = self.qmgr.recover()
-        if recovered:
-            log.info("recovered %d message(s) from the spool", recovered)
+        self.qmgr.prepare_recovery()  # before anything new is written to the spool
         config = self._runtime.config
         await self.inbound.start(config.gateway.listen, self._server_tls,
                                  config.gateway.max_message_size, config.gateway.hostname)
         self.workers.start(self._runtime)
         self._tasks.append(asyncio.create_task(self.qmgr.run()))
+        self._tasks.append(asyncio.create_task(self._recover()))
         self.pidfile = config.gateway.spool.path / "passerelle.pid"
         self.pidfile.write_text(f"{os.getpid()}\n")
         self._update_gauges()
@@ -134,6 +144,23 @@ class Gateway:
             f"{listener.address}:{port}" for listener, port
             in zip(config.gateway.listen, self.inbound.ports(), strict=False)
         ))
+
+    async def _recover(self) -> None:
+        """The spool's messages, scheduled in the background; tried again if the spool cannot
+        be listed (nothing is left unscheduled for good, and scheduling twice is harmless)."""
+        while True:
+            began = time.monotonic()
+            try:
+                recovered = await self.qmgr.recover_in_background()
+            except Exception:
+                log.exception("recovering the spool failed; trying again in %gs", RECOVER_RETRY)
+                await asyncio.sleep(RECOVER_RETRY)
+                continue
+            if recovered and not self.qmgr.stopping:
+                log.info("recovered %d message(s) from the spool in %.1fs", recovered,
+                         time.monotonic() - began)
+            self.qmgr.request_recount()  # with what recovery moved to corrupt/
+            return
 
     def reload(self) -> bool:
         """Apply routing.yaml again if it checks clean; keep the old one otherwise."""
@@ -159,6 +186,7 @@ class Gateway:
             if close is not None:
                 self._tasks.append(asyncio.ensure_future(close()))
         self._update_gauges()
+        self.qmgr.request_recount()
         self.events.lifecycle("reload", config=str(self.config_path))
         return True
 
@@ -180,6 +208,7 @@ class Gateway:
         return True, "ready"
 
     def _update_gauges(self) -> None:
+        """The identities' and CRLs' gauges (the queue gauge is the queue manager's)."""
         metrics = self.events.metrics
         for name, identity in self._runtime.keyring.identities.items():
             if identity.certificate is not None:
@@ -189,11 +218,6 @@ class Gateway:
             if crl.next_update_utc is not None:
                 label = crl.issuer.rfc4514_string() or str(index)
                 metrics.crl_next_update.labels(label).set(crl.next_update_utc.timestamp())
-        counts: dict[str, int] = {}
-        for entry in self.spool.entries():
-            counts[entry.location] = counts.get(entry.location, 0) + 1
-        for state in ("active", "deferred", "hold", "corrupt"):
-            metrics.queue.labels(state).set(counts.get(state, 0))
 
     def install_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -21,9 +21,10 @@ from gateway.errors import Reason
 from gateway.qmgr import QueueManager
 from gateway.runtime import Runtime
 from gateway.server import Gateway
-from gateway.spool import Spool
+from gateway.spool import LOCATIONS, Spool
 from tests.e2e.conftest import start
 from tests.support.world import World, message
+from tests.unit.test_backlog_recovery import folder_counts, seed, until
 
 pytestmark = pytest.mark.e2e
 
@@ -283,3 +284,51 @@ async def test_the_accept_stage_can_hand_the_message_to_the_queue_manager(
     assert gateway.qmgr.fresh == {envelope.queue_id: (envelope, raw)}
     assert envelope.queue_id in gateway.qmgr.scheduled
     await gateway.workers.close()
+
+
+# -- the queue gauge while operators work -------------------------------------------------------
+
+
+async def test_the_queue_gauge_is_right_after_operators_tools_a_reload_and_a_restart(
+    world_factory: Callable[..., World], capsys: pytest.CaptureFixture[str],
+) -> None:
+    world = world_factory(retry="[1h]")
+    root = world.root / "var" / "spool"
+    backlog = await seed(root, later=40, held=2)
+    sink = world.sinks["hospital"]
+
+    def gauge(gateway: Gateway) -> dict[str, int]:
+        registry = gateway.events.metrics.registry
+        return {state: int(registry.get_sample_value("gateway_queue_messages",
+                                                     {"state": state}) or 0)
+                for state in LOCATIONS}
+
+    async def settled(gateway: Gateway, **expected: int) -> None:
+        """Once the folders hold what is expected and the server is idle, so does the gauge."""
+        wanted = {"active": 0, "hold": 2, "corrupt": 0, **expected}
+        await until(lambda: not gateway.qmgr.running
+                    and gauge(gateway) == folder_counts(root) == wanted)
+
+    async with start(world, queue_recount=0.1) as running:
+        await settled(running.gateway, deferred=40)
+        await running.send("a@clinique-test.fr", ["b@chu-test.fr"],
+                           message("a@clinique-test.fr", "b@chu-test.fr", subject="new"))
+        await sink.wait(1)
+        await sink.stop()
+        await running.send("a@clinique-test.fr", ["b@chu-test.fr"],
+                           message("a@clinique-test.fr", "b@chu-test.fr", subject="waits"))
+        await queued_id(world, capsys, "active")
+        await settled(running.gateway, deferred=41)
+
+        assert cli(world, "queue", "hold", backlog.later[0], capsys=capsys)[0] == 0
+        assert cli(world, "queue", "delete", backlog.later[1], capsys=capsys)[0] == 0
+        assert cli(world, "queue", "release", backlog.held[0], capsys=capsys)[0] == 0
+        assert cli(world, "queue", "retry", backlog.later[2], capsys=capsys)[0] == 0
+        await settled(running.gateway, deferred=40)
+
+        assert running.gateway.reload()
+        assert cli(world, "queue", "delete", backlog.later[3], capsys=capsys)[0] == 0
+        await settled(running.gateway, deferred=39)
+
+    async with start(world) as running:  # the default recount period: counted at start
+        await settled(running.gateway, deferred=39)

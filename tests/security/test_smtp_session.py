@@ -11,6 +11,7 @@ on its own (sans-I/O), with every way of cutting the stream into chunks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ssl
 import tracemalloc
@@ -597,29 +598,74 @@ async def test_unexpected_error_in_a_command_answers_451_without_details(
     assert lines[1].startswith("250"), lines
 
 
-async def test_peer_gone_before_the_reply_leaves_nothing_to_deliver(
-    running: Running, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The peer hangs up while the audit record is being made durable: it never got a 250, so
-    it will send again; the spooled copy is withdrawn rather than delivered as well."""
-    events = running.gateway.events
-    reached = asyncio.Event()
+# -- slow peers ------------------------------------------------------------------------------
 
-    async def durable() -> None:
-        reached.set()
-        await asyncio.Event().wait()  # a disk that never answers
 
-    monkeypatch.setattr(events, "durable", durable)
-    session = await Session.open(running.world)
+async def _start_data(session: Session) -> None:
     await session.command(b"MAIL FROM:<a@clinique-test.fr>")
     await session.command(b"RCPT TO:<b@chu-test.fr>")
-    await session.command(b"DATA")
-    await session.send(message(SENDER, RECIPIENT) + b".\r\n")
-    await asyncio.wait_for(reached.wait(), 20)
-    session.writer.transport.abort()
-    for _ in range(100):
-        if not list(running.gateway.spool.entries()):
-            break
-        await asyncio.sleep(0.05)
-    assert list(running.gateway.spool.entries()) == []
+    assert (await session.command(b"DATA"))[0][:3] == "354"
+
+
+async def test_slow_data_that_keeps_arriving_is_not_cut_by_the_idle_timer(
+        running: Running, session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large message on a slow link: DATA lasts longer than the idle timeout, but every chunk
+    restarts it, so the message gets its 250 (aiosmtpd alone restarts it only per command)."""
+    monkeypatch.setattr(gateway.inbound, "SESSION_TIMEOUT", 0.6)
+    await session.close()
+    slow = await Session.open(running.world)  # a session made with the short timeout
+    try:
+        await _start_data(slow)
+        data = message(SENDER, RECIPIENT, subject="slow link")
+        pieces = [data[i:i + len(data) // 5 + 1] for i in range(0, len(data), len(data) // 5 + 1)]
+        for piece in pieces:
+            await slow.send(piece)
+            await asyncio.sleep(0.3)  # five pauses: well past the 0.6 s timeout in all
+        await slow.send(b".\r\n")  # `message` ends with CRLF
+        assert (await slow.reply())[0].startswith("250"), "cut off mid-DATA"
+    finally:
+        await slow.close()
+    sink = running.world.sinks["hospital"]
+    await sink.wait(1)
+    assert sink.messages[0].recipients == [RECIPIENT]
+
+
+async def test_silent_peer_in_data_is_cut_after_the_idle_timeout(
+        running: Running, session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gateway.inbound, "SESSION_TIMEOUT", 0.3)
+    await session.close()
+    silent = await Session.open(running.world)
+    try:
+        await _start_data(silent)
+        await silent.send(b"Subject: x\r\n\r\nhalf a message\r\n")
+        closed = await asyncio.wait_for(silent.reader.read(), 10)  # EOF once it is cut off
+        assert closed == b""
+    finally:
+        await silent.close()
     await nothing_delivered(running)
+    await still_serving(running)
+
+
+async def test_data_trickling_past_the_deadline_gets_421(
+        running: Running, session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer that keeps the idle timer alive with a few octets at a time still cannot hold
+    the connection for ever: DATA has a deadline, past which the reply is 421 4.4.2."""
+    monkeypatch.setattr(gateway.inbound, "DATA_DEADLINE", 0.5)
+    await _start_data(session)
+
+    async def trickle() -> None:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            while True:
+                await session.send(b"trickle\r\n")
+                await asyncio.sleep(0.05)
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        lines = await session.reply()
+    finally:
+        trickling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await trickling
+    assert lines and lines[0].startswith("421 4.4.2"), lines
+    await nothing_delivered(running)
+    await still_serving(running)
