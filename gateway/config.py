@@ -17,7 +17,7 @@ Formats (documented for operators in docs/):
   binary (1024-based), `KB`, `MB`, `GB` decimal (1000-based) as the IEC/SI prefixes say; `B`
   is accepted. Units are case-insensitive (`25mib`);
 - paths: relative paths resolve against the folder of routing.yaml (DESIGN.md §10);
-- domains: lower-cased, trailing dot removed, internationalised names IDNA-encoded
+- domains: lower-cased, trailing dot removed, internationalised names IDNA 2008-encoded
   (`médecin.fr` → `xn--mdecin-bva.fr`); `*.example.org` matches every name under example.org
   but not example.org itself.
 
@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
+import idna
 import yaml
 
 from gateway.dn import parse_dn
@@ -249,7 +250,7 @@ class Config:
         if not domain.isascii():
             # Domains are kept IDNA-encoded; an SMTPUTF8 address may name the Unicode form.
             try:
-                domain = domain.encode("idna").decode("ascii")
+                domain = ascii_domain(domain)
             except UnicodeError:
                 return None
         for network in self.networks.values():
@@ -341,6 +342,16 @@ def parse_size(text: str) -> int:
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 
+def ascii_domain(name: str) -> str:
+    """`name` in the ASCII form domains are kept in: IDNA 2008 with the UTS 46 mapping (what
+    registries such as AFNIC apply: `straße.de` is `xn--strae-oqa.de`, where Python's own
+    IDNA 2003 codec would make it `strasse.de`, another domain). ASCII names are only
+    lower-cased: their syntax is checked by the caller. Raises UnicodeError (idna.IDNAError)."""
+    if name.isascii():
+        return name.lower()
+    return idna.encode(name, uts46=True).decode("ascii")
+
+
 def normalize_domain(text: str) -> str:
     """A domain (or `*.domain` pattern) as the gateway compares it: lower case, no trailing dot,
     IDNA-encoded. Raises ValueError saying what is wrong."""
@@ -354,11 +365,9 @@ def normalize_domain(text: str) -> str:
             f"{text!r}: a wildcard may only be the whole first label, as in *.example.org"
         )
     try:
-        encoded = body.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        raise ValueError(
-            f"{text!r} is not a valid domain name (empty or over-long label)"
-        ) from None
+        encoded = ascii_domain(body)
+    except UnicodeError as error:
+        raise ValueError(f"{text!r} is not a valid domain name ({error})") from None
     if len(encoded) > 253:
         raise ValueError(f"{text!r} is longer than 253 characters")
     for label in encoded.split("."):

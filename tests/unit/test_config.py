@@ -215,10 +215,25 @@ def test_bad_sizes(text: str) -> None:
         parse_size(text)
 
 
-@pytest.mark.parametrize("text", ["a..b", "*", "a.*.b", "*.", "-a.fr", "a_b.fr", "x" * 64 + ".fr"])
+@pytest.mark.parametrize("text", ["a..b", "*", "a.*.b", "*.", "-a.fr", "a_b.fr", "x" * 64 + ".fr",
+                                  "é" * 60 + ".fr", "h\u00f4pital\u200d.fr", "\u0661\u0031.fr"])
 def test_bad_domains(text: str) -> None:
     with pytest.raises(ValueError):
         normalize_domain(text)
+
+
+@pytest.mark.parametrize(("text", "ascii_form"), [
+    # IDNA 2008 (UTS 46, non-transitional), as registries apply it; Python's IDNA 2003 codec
+    # maps the first two to other domains (strasse.de; the final sigma to a medial one). The
+    # A-labels are Punycode (RFC 3492) of the U-labels, computed by Python's own codec.
+    ("straße.de", "xn--strae-oqa.de"),
+    ("σίσυφος.gr", "xn--kxa6ajbbmh.gr"),
+    ("Hôpital-Nord.FR", "xn--hpital-nord-2eb.fr"),
+    ("*.médecin.fr", "*.xn--mdecin-bva.fr"),
+    ("CHU-Test.FR.", "chu-test.fr"),
+])
+def test_internationalised_domains_take_their_idna_2008_form(text: str, ascii_form: str) -> None:
+    assert normalize_domain(text) == ascii_form
 
 
 # -- mistakes ---------------------------------------------------------------------------------
