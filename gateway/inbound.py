@@ -357,6 +357,12 @@ class GatewaySMTP(SMTP):
         if self._handler_coroutine is not None:
             self._handler_coroutine.cancel()
 
+    async def _hang_up(self, reader: DataReader, failure: GatewayError) -> None:
+        """Refuse the DATA in progress with `failure` (a 421) and end the session."""
+        self.inbound.rejected(self, "DATA", f"{reader.received} octets", failure)
+        await self.push(failure.smtp_reply)
+        self._end_session()
+
     async def _receive(self) -> str | None:
         """Read DATA and hand the message over; the reply, or None when the session is over."""
         # Without a configured limit, memory is still bounded, at aiosmtpd's default.
@@ -369,14 +375,11 @@ class GatewaySMTP(SMTP):
                 self._end_session()
                 return None
             if self.loop.time() > deadline:
-                failure = TemporaryFailure(
+                await self._hang_up(reader, TemporaryFailure(
                     "DATA took too long; closing the connection, send the message again",
                     smtp_code=421, enhanced="4.4.2", reason=Reason.PEER_TOO_SLOW,
                     detail=f"{reader.received} octets in {DATA_DEADLINE:g}s",
-                )
-                self.inbound.rejected(self, "DATA", f"{reader.received} octets", failure)
-                await self.push(failure.smtp_reply)
-                self._end_session()
+                ))
                 return None
             # aiosmtpd's idle timer only restarts at each command: a large message on a slow
             # link would otherwise be cut off in the middle of its DATA.
@@ -389,14 +392,11 @@ class GatewaySMTP(SMTP):
                     self._reader._buffer[:0] = chunk[end:]  # type: ignore[attr-defined]
                 break
             if reader.received > limit * (1 + _DISCARD_FACTOR):
-                failure = TemporaryFailure(
+                await self._hang_up(reader, TemporaryFailure(
                     "Message far exceeds the maximum size accepted here; closing the connection",
                     smtp_code=421, enhanced="4.3.4", reason=Reason.TOO_LARGE,
                     detail=f"no end of DATA after {reader.received} octets",
-                )
-                self.inbound.rejected(self, "DATA", f"{reader.received} octets", failure)
-                await self.push(failure.smtp_reply)
-                self._end_session()
+                ))
                 return None
         if reader.error is not None:
             self.inbound.rejected(self, "DATA", f"{reader.received} octets", reader.error)
