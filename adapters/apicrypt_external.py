@@ -23,7 +23,10 @@ run as processes. The exception stays inside `ExternalCodec`: the layout code in
 - its own process group and a timeout. When the program exits, or when the timeout strikes, or
   when anything here raises, the whole group is killed (SIGKILL) before the program is reaped,
   so a child it forked cannot go on writing plaintext and the group id cannot have been reused.
-  (A child that leaves the group with setsid() escapes this; the APICEM programs do not.)
+  A child that left the group with setsid() is found by what it still holds in the private
+  directory (its working directory, an open file) and killed too; one that also moved out
+  and closed its files would escape (only a cgroup contains that; the APICEM programs do
+  neither);
 - the directory is wiped whatever happened: each regular file overwritten with zeros and
   synced, then everything removed; links are removed, never followed. If anything is left the
   run fails (temporary), so plaintext on disk is never silent.
@@ -168,6 +171,47 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
         pass  # stuck in the kernel; the SIGKILL will take it when it returns
 
 
+def _kill_strays(directory: Path) -> None:
+    """SIGKILL every process of ours still working in `directory` (its working directory or
+    an open file there): a child that left the program's group with setsid() escapes
+    `_kill_group`, but not this, unless it also moved out and closed its files. The directory
+    is private and freshly made, so only the program's descendants can be in it. Waits a
+    bounded while for them to be gone, so that none writes there after the wipe has begun."""
+    inside = os.fspath(directory)
+    marked = inside + os.sep
+    strays = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            links = [os.readlink(f"/proc/{entry}/cwd")]
+            fds = f"/proc/{entry}/fd"
+            links += [os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds)]
+        except OSError:
+            continue  # gone, or another user's: not one of the program's
+        if any(link == inside or link.startswith(marked) for link in links):
+            strays.append(int(entry))
+    for pid in strays:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + _REAP_GRACE
+    while strays and time.monotonic() < deadline:
+        strays = [pid for pid in strays if _running(pid)]
+        if strays:
+            time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs (neither gone nor a zombie waiting for its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
 def _read_output(target: Path) -> bytes | None:
     """DST if it is a regular file no larger than the limit; None if it is not there."""
     try:
@@ -307,6 +351,7 @@ class ExternalCodec:
             exited = _exited_within(process.pid, self.timeout)
         finally:
             _kill_group(process)  # whatever it left running goes, before anything is read
+            _kill_strays(directory)
         if not exited:
             raise _temporary(name, reason, "The Apicrypt program did not answer in time",
                              f"timed out after {self.timeout}s; its process group was killed")

@@ -11,8 +11,10 @@ outside the private directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import stat
 import sys
 import time
@@ -77,6 +79,14 @@ if mode in ("hang", "leave-child"):
     if mode == "hang":
         done(child=child)
         time.sleep(3600)
+    done(child=child, output_mode=output())
+    sys.exit(0)
+if mode == "escape":
+    child = os.fork()
+    if child == 0:
+        os.setsid()  # out of the program's process group
+        leak_forever()
+    time.sleep(0.2)  # let it leave the group before the program exits
     done(child=child, output_mode=output())
     sys.exit(0)
 if mode == "link":
@@ -321,6 +331,20 @@ def test_child_left_running_after_success_is_killed(
     [seen] = reports(programs)
     assert gone(seen["child"])
     assert list(work.iterdir()) == []
+
+
+def test_child_that_left_the_group_with_setsid_is_killed_too(
+        programs: dict[str, str], work: Path) -> None:
+    out = codec(programs, work).open_text(b"escape\n" + SECRET)
+    assert out == b"OUT:escape\n" + SECRET
+    [seen] = reports(programs)
+    try:
+        assert gone(seen["child"])
+        time.sleep(0.1)  # a child still running would have written its leak again by now
+        assert list(work.iterdir()) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(seen["child"], signal.SIGKILL)  # not left behind by a failing run
 
 
 def test_program_killed_by_a_signal_defers(programs: dict[str, str], work: Path) -> None:
