@@ -712,6 +712,12 @@ def top_functions(paths: list[Path], count: int = 20) -> dict[str, Any]:
         if (caller and caller[0][0].endswith("gateway/workers.py") and filename == "~"
                 and "read" in name):
             continue  # a crypto worker waiting for its next job on the pipe
+        if (caller and caller[0][0].endswith("threading.py") and caller[0][2] == "wait"
+                and name.startswith("<method 'acquire'")):
+            # Threads asleep in Event/Condition.wait: the spool's removal timer and the
+            # recovery thread's pauses, most of the window and no work. A thread waiting for
+            # a shared fsync still shows, in the cumulative time of `GroupCommit.sync`.
+            continue
         rows.append({"function": _where(filename, line, name), "calls": calls,
                      "own": own, "cumulative": cumulative,
                      "caller": _where(*caller[0]) if caller else ""})
