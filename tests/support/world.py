@@ -23,12 +23,20 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.support import testpki
 
+_GIVEN: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port free now and never handed out before in this test run: the kernel may give the
+    same ephemeral port to two binds in a row once the first is closed, and a world that
+    listens on both would be refused (a port listed twice)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 @dataclass
