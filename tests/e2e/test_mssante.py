@@ -404,6 +404,17 @@ def paired(arrived: list[Any], sent: list[bytes]) -> list[tuple[Any, bytes]]:
     return [(by_id[message_id(data)], data) for data in sent]
 
 
+async def receipts_from_the_hospital(running: Running, recipient: str,
+                                     sink: str) -> list[tuple[Any, bytes]]:
+    """A receipt request and a read receipt sent by the hospital's doctor to `recipient`
+    through the gateway: each message that reached `sink`, with the one sent."""
+    world = running.world
+    sent = [receipt_request(HOSPITAL_DOCTOR, recipient), read_receipt(HOSPITAL_DOCTOR, recipient)]
+    for data in sent:
+        await running.send(HOSPITAL_DOCTOR, [recipient], data, client=world.hospital_client)
+    return paired(await world.sinks[sink].wait(2, timeout=30), sent)
+
+
 def crlf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
@@ -452,11 +463,8 @@ async def test_receipts_cross_into_the_smime_network_intact(
     built, running = crypto
     world = built.world
     work = world.root / "work"
-    sent = [receipt_request(HOSPITAL_DOCTOR, DOCTOR), read_receipt(HOSPITAL_DOCTOR, DOCTOR)]
-    for data in sent:
-        await running.send(HOSPITAL_DOCTOR, [DOCTOR], data, client=world.hospital_client)
-    arrived = await world.sinks["medecin"].wait(2, timeout=30)
-    for index, (got, data) in enumerate(paired(arrived, sent)):
+    received = await receipts_from_the_hospital(running, DOCTOR, "medecin")
+    for index, (got, data) in enumerate(received):
         # What the doctor's client reads once it decrypted with the doctor's key and
         # verified the gateway's signature (openssl as the independent S/MIME reader).
         sealed = built.write(f"sealed-{index}.eml", got.data)
@@ -500,12 +508,7 @@ async def test_receipts_cross_into_the_openpgp_network_intact(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     built, running = crypto
-    world = built.world
-    sent = [receipt_request(HOSPITAL_DOCTOR, PGP_PEER), read_receipt(HOSPITAL_DOCTOR, PGP_PEER)]
-    for data in sent:
-        await running.send(HOSPITAL_DOCTOR, [PGP_PEER], data, client=world.hospital_client)
-    arrived = await world.sinks["pgp"].wait(2, timeout=30)
-    for got, data in paired(arrived, sent):
+    for got, data in await receipts_from_the_hospital(running, PGP_PEER, "pgp"):
         wrapped = email.message_from_bytes(got.data, policy=email.policy.compat32)
         assert wrapped.get_content_type() == "multipart/encrypted"
         armored = wrapped.get_payload()[1].get_payload(decode=True)
@@ -642,18 +645,14 @@ async def test_receipts_cross_into_the_apicrypt_network_as_its_layout(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     built, running = crypto
-    world = built.world
-    sent = [receipt_request(HOSPITAL_DOCTOR, GP), read_receipt(HOSPITAL_DOCTOR, GP)]
-    for data in sent:
-        await running.send(HOSPITAL_DOCTOR, [GP], data, client=world.hospital_client)
-    [(request, _), (receipt, _)] = paired(await world.sinks["apicrypt"].wait(2, timeout=30),
-                                          sent)
+    [(request, request_sent), (receipt, receipt_sent)] = await receipts_from_the_hospital(
+        running, GP, "apicrypt")
     # The Apicrypt layout has a text block and attachments: the request's text and its
     # IHE_XDM.ZIP come out of gpg byte for byte, the zip under its own name.
-    [(_, _, text), (_, _, zipped)] = leaves(sent[0])
+    [(_, _, text), (_, _, zipped)] = leaves(request_sent)
     assert opened_apicrypt(built.gpg, request.data) == [(None, text), ("IHE_XDM.ZIP", zipped)]
     # A receipt: its human-readable text and its disposition fields, each decrypted intact.
-    [(_, _, said), (_, _, fields)] = leaves(sent[1])
+    [(_, _, said), (_, _, fields)] = leaves(receipt_sent)
     [(no_name, got_text), (_, got_fields)] = opened_apicrypt(built.gpg, receipt.data)
     assert no_name is None and (got_text, got_fields) == (said, fields)
     assert_subject_not_recorded(running, caplog)

@@ -61,12 +61,18 @@ class Seen:
         return seen, threads
 
 
-async def test_the_commit_before_a_250_is_one_worker_thread_hop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    seen = Seen()
+@pytest.fixture
+def seen(monkeypatch: pytest.MonkeyPatch) -> Seen:
+    """What every spool the gateway makes does, through the spool's fault seam."""
+    watched = Seen()
     monkeypatch.setattr(gateway.server, "Spool",
-                        functools.partial(Spool, faults=SpoolFaults(seen.hook)))
+                        functools.partial(Spool, faults=SpoolFaults(watched.hook)))
+    return watched
+
+
+async def test_the_commit_before_a_250_is_one_worker_thread_hop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seen: Seen,
+) -> None:
     world = build_world(tmp_path, retry="[1s]")
     async with start(world) as running:
         audit = running.gateway.audit
@@ -153,11 +159,8 @@ async def test_peer_gone_while_the_audit_fsync_hangs_leaves_nothing_to_deliver(
 
 
 async def test_a_folder_fsync_that_fails_answers_451_and_keeps_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, seen: Seen,
 ) -> None:
-    seen = Seen()
-    monkeypatch.setattr(gateway.server, "Spool",
-                        functools.partial(Spool, faults=SpoolFaults(seen.hook)))
     world = build_world(tmp_path, retry="[1s]")
     async with start(world) as running:
         seen.fail_active = errno.EIO
